@@ -1,0 +1,459 @@
+"""Typed, frozen configuration: one dataclass per stage, composed into :class:`ExperimentConfig`.
+
+Layers, lowest first: the defaults below, an experiment YAML that holds only deltas, then ``key=value`` dotted
+overrides from the command line. Every value is type-checked and every section validates itself when built, so
+a bad config fails at once with the key and the fix in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot work; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _fraction(value: float, key: str) -> None:
+    _require(0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value}")
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _require(ok, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the photos are and which instances to work on."""
+
+    root: str = ""  # dataset folder (PODS / Dogs / DF2 layout) or a plain folder of one object's photos
+    layout: Literal["auto", "pods", "dogs", "df2", "folder"] = "auto"
+    category: str = ""  # plain-folder layout only: the object's category, e.g. "mug"
+    instance_id: str = ""  # plain-folder layout only: a name for the object (default: the folder name)
+    instances: tuple[str, ...] = ()  # instances to personalize; empty = every instance whose split is `test`
+    max_instances: int = 0  # 0 = no limit; else the first N selected instances (sorted)
+    max_test_images: int = 0  # 0 = all; else a seeded sample of each instance's test images per split
+
+    def validate(self) -> None:
+        _positive(self.max_instances, "data.max_instances", allow_zero=True)
+        _positive(self.max_test_images, "data.max_test_images", allow_zero=True)
+        if self.root:
+            _require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The vision backbone to personalize, and its LoRA."""
+
+    backbone: str = "dinov2_vitb14"  # a registry name: dinov2_vitb14, clip_vitb16, mae_vitb16, mobilenetv2
+    weights: str = ""  # HF id or local folder; empty = the registry's default for the backbone
+    image_size: int = 224
+    eval_feature: Literal["cls", "cls+mean"] = "cls"
+    lora_r: int = 16
+    lora_alpha: float = 0.5
+    lora_dropout: float = 0.3
+    lora_targets: tuple[str, ...] = ()  # empty = the registry's default (attention q/k/v)
+    train_blocks: int = 0  # CNN backbones: also train the last N blocks in full (0 = LoRA only)
+
+    def validate(self) -> None:
+        _positive(self.image_size, "model.image_size")
+        _positive(self.lora_r, "model.lora_r")
+        _positive(self.lora_alpha, "model.lora_alpha")
+        _require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        _positive(self.train_blocks, "model.train_blocks", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class CutpasteConfig:
+    """Cut-and-Paste composites: the masked real object pasted onto backgrounds."""
+
+    enabled: bool = True
+    images_per_instance: int = 100
+    backgrounds_dir: str = ""  # folder of background photos; empty = procedurally made backgrounds
+    scale_min: float = 0.3
+    scale_max: float = 1.3
+    image_size: int = 256
+    include_val: bool = True  # also composite the val instances (they serve as negatives)
+
+    def validate(self) -> None:
+        _positive(self.images_per_instance, "cutpaste.images_per_instance", allow_zero=True)
+        _positive(self.scale_min, "cutpaste.scale_min")
+        _require(self.scale_max >= self.scale_min, "cutpaste.scale_max", "must be >= cutpaste.scale_min")
+        _positive(self.image_size, "cutpaste.image_size")
+        if self.backgrounds_dir:
+            _require(
+                Path(self.backgrounds_dir).is_dir(),
+                "cutpaste.backgrounds_dir",
+                f"{self.backgrounds_dir} is not a folder; point it at background photos or leave it empty",
+            )
+
+
+@dataclass(frozen=True)
+class DreamboothConfig:
+    """Personalizing Stable Diffusion on an instance's photos."""
+
+    enabled: bool = False
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # HF id or local diffusers folder
+    mode: Literal["full", "lora"] = "full"
+    masked: bool = True
+    steps: int = 400
+    learning_rate: float = 2e-6
+    batch_size: int = 1
+    resolution: int = 512
+    prior_preservation: bool = True
+    prior_weight: float = 1.0
+    class_images: int = 200
+    train_text_encoder: bool = True
+    lora_rank: int = 16
+    gradient_checkpointing: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    use_8bit_adam: bool = True
+
+    def validate(self) -> None:
+        _positive(self.steps, "dreambooth.steps")
+        _positive(self.learning_rate, "dreambooth.learning_rate")
+        _positive(self.batch_size, "dreambooth.batch_size")
+        _positive(self.resolution, "dreambooth.resolution")
+        _require(self.resolution % 8 == 0, "dreambooth.resolution", "must be a multiple of 8")
+        _positive(self.prior_weight, "dreambooth.prior_weight", allow_zero=True)
+        _positive(self.class_images, "dreambooth.class_images", allow_zero=True)
+        _positive(self.lora_rank, "dreambooth.lora_rank")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling positives from the personalized generator and negatives from the pretrained one."""
+
+    enabled: bool = False
+    positives_per_instance: int = 450
+    negatives_per_category: int = 1000
+    max_attempts: int = 5000
+    prompts_file: str = ""  # JSON {instance_id: [prompts]}; empty = the built-in prompt bank
+    num_prompts: int = 100
+    cfg: float = 5.0
+    steps: int = 50
+    image_size: int = 512
+    scheduler: str = "dpm"
+    batch_size: int = 4
+    num_actors: int = 1
+    gpus_per_actor: float = 1.0
+
+    def validate(self) -> None:
+        _positive(self.positives_per_instance, "generate.positives_per_instance", allow_zero=True)
+        _positive(self.negatives_per_category, "generate.negatives_per_category", allow_zero=True)
+        _require(
+            self.max_attempts >= self.positives_per_instance,
+            "generate.max_attempts",
+            "must be >= generate.positives_per_instance",
+        )
+        _require(self.cfg >= 1.0, "generate.cfg", f"classifier-free guidance must be >= 1, got {self.cfg}")
+        _positive(self.steps, "generate.steps")
+        _positive(self.num_prompts, "generate.num_prompts")
+        _require(
+            self.image_size % 8 == 0 and self.image_size > 0, "generate.image_size", "must be a positive multiple of 8"
+        )
+        _positive(self.batch_size, "generate.batch_size")
+        _positive(self.num_actors, "generate.num_actors")
+        _positive(self.gpus_per_actor, "generate.gpus_per_actor", allow_zero=True)
+        if self.prompts_file:
+            _require(
+                Path(self.prompts_file).is_file(),
+                "generate.prompts_file",
+                f"{self.prompts_file} does not exist; give a JSON file or leave it empty",
+            )
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """DreamSim filtering of generated images against the real photos."""
+
+    enabled: bool = True
+    dreamsim_type: str = "ensemble"
+    cache_dir: str = "./models/dreamsim"
+    threshold: float = 0.6
+    masker: Literal["none", "patch", "sam"] = "patch"
+    sam_weights: str = ""
+    num_actors: int = 1
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _fraction(self.threshold, "filter.threshold")
+        _positive(self.num_actors, "filter.num_actors")
+        _positive(self.batch_size, "filter.batch_size")
+        _require(
+            self.masker != "sam" or bool(self.sam_weights),
+            "filter.sam_weights",
+            "masker=sam needs filter.sam_weights (HF id or local folder of a SAM checkpoint)",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Contrastive LoRA fine-tuning of the backbone on (anchor, positive, negative) triplets."""
+
+    loss: Literal["infonce", "multi_infonce", "hinge"] = "infonce"
+    temperature: float = 0.07
+    margin: float = 0.05
+    num_triplets: int = 4500
+    num_positives: int = 0  # synthetic positives per instance to sample from; 0 = all
+    num_negatives: int = 0  # negatives to sample from; 0 = all
+    num_pairs: int = 0  # distinct anchor-positive pairs; 0 = unconstrained
+    positive_sources: tuple[str, ...] = ("cutpaste",)  # cutpaste, dreambooth, masked_dreambooth, real
+    negatives: Literal["val", "folder", "generated"] = "val"
+    negatives_dir: str = ""
+    learning_rate: float = 3e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    epochs: int = 2
+    augment: bool = True
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    max_failures: int = 1
+
+    def validate(self) -> None:
+        _positive(self.temperature, "train.temperature")
+        _positive(self.margin, "train.margin", allow_zero=True)
+        for key in ("num_triplets", "batch_size", "epochs", "num_workers"):
+            _positive(getattr(self, key), f"train.{key}")
+        for key in ("num_positives", "num_negatives", "num_pairs", "checkpoint_every", "max_failures"):
+            _positive(getattr(self, key), f"train.{key}", allow_zero=True)
+        _positive(self.learning_rate, "train.learning_rate")
+        _fraction(self.beta1, "train.beta1")
+        _fraction(self.beta2, "train.beta2")
+        _require(
+            self.zero_stage in (1, 2), "train.zero_stage", f"DeepSpeed ZeRO stage must be 1 or 2, got {self.zero_stage}"
+        )
+        allowed = ("cutpaste", "dreambooth", "masked_dreambooth", "real")
+        _require(bool(self.positive_sources), "train.positive_sources", f"name at least one of {allowed}")
+        for source in self.positive_sources:
+            _require(source in allowed, "train.positive_sources", f"{source!r} is not one of {allowed}")
+        if self.negatives == "folder":
+            _require(
+                bool(self.negatives_dir) and Path(self.negatives_dir).is_dir(),
+                "train.negatives_dir",
+                "negatives=folder needs train.negatives_dir=DIR holding category images",
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Pretrained vs personalized encoder on the four tasks."""
+
+    tasks: tuple[str, ...] = ("classification", "retrieval", "detection", "segmentation")
+    batch_size: int = 32
+    num_actors: int = 1
+    dense_image_size: int = 448  # input side for patch features (896 for /14 and 1024 for /16 in the paper)
+    min_object_pixels: int = 100
+
+    def validate(self) -> None:
+        allowed = ("classification", "retrieval", "detection", "segmentation")
+        for task in self.tasks:
+            _require(task in allowed, "evaluate.tasks", f"{task!r} is not one of {allowed}")
+        _positive(self.batch_size, "evaluate.batch_size")
+        _positive(self.num_actors, "evaluate.num_actors")
+        _positive(self.dense_image_size, "evaluate.dense_image_size")
+        _positive(self.min_object_pixels, "evaluate.min_object_pixels", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the Ray work runs."""
+
+    address: str = ""  # empty = start a local single-node Ray; else "auto" or ray://host:10001
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+
+    def validate(self) -> None:
+        _positive(self.num_cpus, "ray.num_cpus", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = "outputs/experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cutpaste: CutpasteConfig = field(default_factory=CutpasteConfig)
+    dreambooth: DreamboothConfig = field(default_factory=DreamboothConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "pass output_dir=DIR")
+        _require(bool(self.name), "name", "give the experiment a name")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building from layers
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """Coerce a YAML value to the field's type, or fail naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        _require(isinstance(value, list | tuple), key, f"must be a list, got {value!r}")
+        return tuple(_check_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union annotation for {key}")
+    if annotation is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool), key, f"must be a number, got {value!r}"
+        )
+        return float(value)
+    if annotation is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(sorted(names))}"
+        raise ConfigError(f"{key}: unknown config key; {hint}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(annotation):
+            _require(isinstance(value, dict), key, f"must be a mapping of {annotation.__name__} fields")
+            kwargs[name] = _build(annotation, value, f"{key}.")
+        else:
+            kwargs[name] = _check_value(value, annotation, key)
+    instance = cls(**kwargs)
+    instance.validate()
+    return instance
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    merged = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides take the form key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    _require(bool(key) and all(key.split(".")), text, "the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({error})") from error
+    if value is None:
+        value = ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def to_dict(config: Any) -> dict:
+    """A config as plain YAML-able data (tuples become lists)."""
+
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, tuple | list):
+            return [plain(v) for v in obj]
+        return obj
+
+    return plain(config)
+
+
+def build_config(*layers: dict) -> ExperimentConfig:
+    """Defaults, then each layer of deltas in order; validated."""
+    merged = to_dict(ExperimentConfig())
+    for layer in layers:
+        merged = _merge(merged, layer)
+    return _build(ExperimentConfig, merged)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults <- the YAML at ``path`` (deltas only) <- ``key=value`` overrides."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: {path} does not exist")
+        try:
+            delta = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        if not isinstance(delta, dict):
+            raise ConfigError(f"{path}: must hold a mapping of config keys, got {type(delta).__name__}")
+        layers.append(delta)
+    layers.extend(parse_override(text) for text in overrides)
+    return build_config(*layers)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that also accepts dotted keys: ``replace(cfg, **{"train.epochs": 1})``."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(config, head), **sub)
+    updated = dataclasses.replace(config, **flat)
+    updated.validate()
+    return updated

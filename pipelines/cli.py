@@ -1,0 +1,49 @@
+"""`personalize <command>`: one entry point for every stage and tool.
+
+Every stage takes the same form: ``personalize STAGE --config configs/demo.yaml key=value ...``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command -> (module in pipelines/, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest", "read a dataset folder (PODS / Dogs / DF2 / your own photos) into the image table"),
+    "dreambooth": ("dreambooth", "personalize Stable Diffusion on each instance's photos (Ray Train)"),
+    "generate": ("generate", "sample positives and category negatives (Ray Data actors), optionally filtered"),
+    "filter": ("filter", "score generated images with DreamSim against the real photos"),
+    "cutpaste": ("cutpaste", "paste the masked real object onto backgrounds (Ray Data tasks)"),
+    "train": ("train", "LoRA InfoNCE fine-tuning of the vision encoder (Ray Train)"),
+    "evaluate": ("evaluate", "pretrained vs personalized encoder on the four tasks"),
+    "run": ("run", "all stages end to end, then summary.json and report.html"),
+    "make-toy": ("make_toy", "write the procedural toy benchmark in the PODS layout"),
+    "zoo": ("zoo", "build the tiny offline models (and locate the real MobileNetV2)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: personalize COMMAND [--config FILE] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `personalize COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"personalize: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"pipelines.{COMMANDS[command][0]}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

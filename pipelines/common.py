@@ -1,0 +1,93 @@
+"""What every stage module shares: Ray start-up, stage folders, and the `main(argv)` form."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from personalization.config import ConfigError, ExperimentConfig, load_config, to_dict
+
+log = logging.getLogger("personalize")
+
+
+def stage_dir(cfg: ExperimentConfig, stage: str, *parts: str) -> Path:
+    """``OUT/<stage>/<parts...>``: where a stage commits its output."""
+    return Path(cfg.output_dir).joinpath(stage, *parts)
+
+
+def resolved(cfg: ExperimentConfig) -> dict:
+    """The whole resolved config as plain data, saved beside every stage output."""
+    return to_dict(cfg)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
+    """Use the Ray already running in this process, else connect to ``ray.address``, else start a local one.
+
+    Only a Ray started here is shut down here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML (deltas from the defaults), e.g. configs/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=1")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def stage_main(stage: str, run: Callable[[ExperimentConfig], Path], argv: Sequence[str] | None = None) -> int:
+    """The common ``personalize <stage> --config X key=value ...`` entry point."""
+    parser = argparse.ArgumentParser(prog=f"personalize {stage}")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as error:
+        parser.exit(2, f"personalize {stage}: config error: {error}\n")
+    with user_errors(stage):
+        out = run(cfg)
+    print(f"{stage}: wrote {out}")
+    return 0
+
+
+@contextlib.contextmanager
+def user_errors(command: str) -> Iterator[None]:
+    """Bad input raises ValueError / FileNotFoundError with a message meant for the user: print it, exit 2.
+
+    Set PERSONALIZE_DEBUG=1 to see the traceback instead.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("PERSONALIZE_DEBUG"):
+            raise
+        print(f"personalize {command}: error: {error}", file=sys.stderr)
+        print("(set PERSONALIZE_DEBUG=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=False)
