@@ -91,3 +91,32 @@ def user_errors(command: str) -> Iterator[None]:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=False)
+
+
+def load_instances(cfg: ExperimentConfig) -> dict[str, dict]:
+    """``OUT/ingest/instances.json``: {instance_id: {"category", "split"}}; a clear error when ingest has not run."""
+    import json
+
+    path = stage_dir(cfg, "ingest") / "instances.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `personalize ingest` (or `personalize run`) first")
+    return json.loads(path.read_text())
+
+
+def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[str]:
+    """The instances to personalize: ``data.instances`` if given, else every `test`/`user` instance, sorted,
+    capped at ``data.max_instances``. `val` instances are never selected by default: they are for tuning."""
+    if cfg.data.instances:
+        unknown = [i for i in cfg.data.instances if i not in instances]
+        if unknown:
+            raise ValueError(
+                f"data.instances: {unknown} not in the dataset; known instances: {', '.join(sorted(instances)[:20])}"
+            )
+        chosen = list(cfg.data.instances)
+    else:
+        chosen = sorted(i for i, info in instances.items() if info["split"] in ("test", "user"))
+    if cfg.data.max_instances:
+        chosen = chosen[: cfg.data.max_instances]
+    if not chosen:
+        raise ValueError("no instances selected: the dataset has no `test` instances; pass data.instances=[...]")
+    return chosen
