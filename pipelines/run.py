@@ -1,0 +1,111 @@
+"""`personalize run`: every stage for the selected instances, then ``summary.json`` and ``report.html``.
+
+ingest -> [dreambooth -> generate] -> cutpaste -> train -> evaluate. Each stage commits its own output with a
+manifest, so a re-run skips what is finished and redoes only what was interrupted or changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from personalization.config import ExperimentConfig, save_config
+from pipelines.common import ray_session, stage_main
+
+log = logging.getLogger("personalize.run")
+
+METRIC_KEYS = (
+    "classification/pr_auc",
+    "retrieval/ndcg",
+    "retrieval/mrr",
+    "retrieval/top10",
+    "detection/ap",
+    "detection/ap50",
+    "segmentation/ap",
+    "segmentation/ap50",
+)
+
+
+def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], Path]]]:
+    """The stages this config runs, in order."""
+    from pipelines import cutpaste, evaluate, ingest, train
+
+    stages: list[tuple[str, Callable]] = [("ingest", ingest.run)]
+    if cfg.dreambooth.enabled:
+        from pipelines import dreambooth
+
+        stages.append(("dreambooth", dreambooth.run))
+    if cfg.generate.enabled:
+        from pipelines import generate
+
+        stages.append(("generate", generate.run))
+    if cfg.cutpaste.enabled:
+        stages.append(("cutpaste", cutpaste.run))
+    stages += [("train", train.run), ("evaluate", evaluate.run)]
+    return stages
+
+
+def check_before_start(cfg: ExperimentConfig) -> None:
+    """Fail on what would only fail later, before any expensive work."""
+    from personalization.models import BACKBONES
+
+    if not cfg.data.root:
+        raise ValueError("data.root: pass data.root=DIR (a PODS-layout dataset or a folder of your object's photos)")
+    if cfg.model.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone: {cfg.model.backbone!r} is not one of {sorted(BACKBONES)}")
+    if not (cfg.cutpaste.enabled or cfg.generate.enabled or "real" in cfg.train.positive_sources):
+        raise ValueError("no source of positives: enable cutpaste or generate, or add real to train.positive_sources")
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    check_before_start(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    stages = plan(cfg)
+    timings = {}
+    with ray_session(cfg):
+        for index, (name, stage) in enumerate(stages, 1):
+            log.info("[%d/%d] %s ...", index, len(stages), name)
+            print(f"[{index}/{len(stages)}] {name} ...", flush=True)
+            started = time.time()
+            stage(cfg)
+            timings[name] = round(time.time() - started, 1)
+            print(f"[{index}/{len(stages)}] {name} done in {timings[name]:.1f} s", flush=True)
+    summary = write_summary(cfg, timings)
+    from pipelines.report import build_report
+
+    report = build_report(cfg, summary)
+    print_table(summary)
+    print(f"summary: {out / 'summary.json'}\nreport:  {report}")
+    return out
+
+
+def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
+    metrics = json.loads((Path(cfg.output_dir) / "evaluate" / "metrics.json").read_text())
+    summary = {
+        "instances": sorted(metrics["per_instance"]),
+        "backbone": cfg.model.backbone,
+        "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},
+        "per_instance": metrics["per_instance"],
+        "seconds": timings,
+        "config": "config.yaml",
+    }
+    (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    pretrained, personalized = summary["metrics"]["pretrained"], summary["metrics"]["personalized"]
+    print(f"\n{'metric':<24}{'pretrained':>12}{'personalized':>14}")
+    for key in METRIC_KEYS:
+        if key in pretrained:
+            print(f"{key:<24}{pretrained[key]:>12.3f}{personalized[key]:>14.3f}")
+    print()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main("run", run, argv)
