@@ -1,0 +1,196 @@
+"""`personalize cutpaste`: Cut-and-Paste positives for the selected instances (and same-category val instances).
+
+Reads OUT/ingest (images.parquet, instances.json), commits OUT/cutpaste/ as image-table Parquet shards. The work
+is a Ray Data pipeline of plain tasks: (instance_id, k) work items -> ``map_batches`` calling the library's
+``make_composite`` -> ``write_parquet``. The real rows and the encoded backgrounds travel to the tasks as two
+object refs, so workers on other nodes need no shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+from personalization import schema
+from personalization.artifacts import commit_stage
+from personalization.config import ExperimentConfig, to_dict
+from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
+from pipelines.common import ray_session, resolved, stage_dir, stage_main
+
+STAGE = "cutpaste"
+PROCEDURAL_BACKGROUNDS = 64  # scenes in the procedural set when no background folder is given
+BATCH_SIZE = 8  # composites per Ray task call
+log = logging.getLogger(f"personalize.{STAGE}")
+
+
+def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[str]:
+    """The instances to composite: the chosen ones (``data.instances``, else every ``test``/``user`` instance,
+    capped at ``data.max_instances``), plus every val instance of their categories when ``include_val``."""
+    if cfg.data.instances:
+        unknown = [i for i in cfg.data.instances if i not in instances]
+        if unknown:
+            raise ValueError(
+                f"data.instances: {unknown} are not in OUT/ingest/instances.json; "
+                f"known instances: {sorted(instances)[:10]}..."
+            )
+        chosen = sorted(set(cfg.data.instances))
+    else:
+        chosen = sorted(i for i, info in instances.items() if info["split"] in ("test", "user"))
+    if cfg.data.max_instances:
+        chosen = chosen[: cfg.data.max_instances]
+    if not chosen:
+        raise ValueError("no instance selected: OUT/ingest/instances.json has no test instance; set data.instances")
+    if cfg.cutpaste.include_val:
+        categories = {instances[i]["category"] for i in chosen}
+        chosen += [i for i, info in instances.items() if info["split"] == "val" and info["category"] in categories]
+    return sorted(set(chosen))
+
+
+def _load_real_rows(images_path: Path, instance_ids: list[str]) -> pa.Table:
+    """The masked real_train rows of ``instance_ids``; fails before any Ray work if an instance has none."""
+    table = schema.read_image_table(images_path, role="real_train", instance_id=instance_ids)
+    table = table.filter(pc.is_valid(table["mask"]))
+    have = set(table["instance_id"].to_pylist())
+    missing = [i for i in instance_ids if i not in have]
+    if missing:
+        raise ValueError(
+            f"{images_path}: instances {missing} have no masked train image, and Cut-and-Paste pastes the masked "
+            "object. Provide masks as train_masks/<instance>/<photo stem>.png (white object on black) beside "
+            "train/<instance>/ and re-run `personalize ingest`, or set cutpaste.enabled=false."
+        )
+    return table
+
+
+def _encoded_backgrounds(cfg: ExperimentConfig) -> tuple[list[bytes], str]:
+    """PNG bytes of the background set, and the key naming it (part of every image id)."""
+    size = cfg.cutpaste.image_size
+    if cfg.cutpaste.backgrounds_dir:
+        folder = Path(cfg.cutpaste.backgrounds_dir).resolve()
+        images, key = load_backgrounds(folder, max_side=2 * size), f"folder:{folder}"
+    else:
+        images = make_procedural_backgrounds(PROCEDURAL_BACKGROUNDS, size, cfg.seed)
+        key = f"procedural:{cfg.seed}:{PROCEDURAL_BACKGROUNDS}"
+    return [schema.encode_png(image) for image in images], key
+
+
+class _DecodedOnAccess(Sequence):
+    """A list of PNG bytes seen as a list of PIL images, decoding only the ones a composite draws."""
+
+    def __init__(self, blobs: Sequence[bytes]):
+        self.blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return schema.decode_image(self.blobs[index])
+
+
+def _composite_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    real_ref,
+    backgrounds_ref,
+    seed: int,
+    scale_range: tuple[float, float],
+    size: int,
+    backgrounds_key: str,
+) -> pa.Table:
+    """Ray task body: work items {instance_id, k} -> image-table rows (bytes, never PIL), typed as the schema."""
+    import ray
+
+    from personalization.synthesis.cutpaste import make_composite
+
+    real, backgrounds = ray.get(real_ref), _DecodedOnAccess(ray.get(backgrounds_ref))
+    wanted = sorted(set(batch["instance_id"].tolist()))
+    by_instance: dict[str, list[dict]] = {i: [] for i in wanted}
+    for row in real.filter(pc.is_in(real["instance_id"], pa.array(wanted))).to_pylist():
+        by_instance[row["instance_id"]].append(row)
+    rows = [
+        make_composite(
+            by_instance[str(instance_id)],
+            backgrounds,
+            k=int(k),
+            seed=seed,
+            scale_range=scale_range,
+            size=size,
+            backgrounds_key=backgrounds_key,
+        )
+        for instance_id, k in zip(batch["instance_id"], batch["k"], strict=True)
+    ]
+    return schema.rows_to_table(rows)
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    ingest = stage_dir(cfg, "ingest")
+    images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
+    for path in (images_path, instances_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
+    instances = json.loads(instances_path.read_text())
+    instance_ids = select_instances(cfg, instances)
+    n = cfg.cutpaste.images_per_instance if cfg.cutpaste.enabled else 0
+    real = _load_real_rows(images_path, instance_ids) if n else None
+    inputs = {"ingest": ingest}
+    if cfg.cutpaste.backgrounds_dir:
+        inputs["backgrounds"] = Path(cfg.cutpaste.backgrounds_dir)
+    stage_config = {"cutpaste": to_dict(cfg.cutpaste), "seed": cfg.seed, "instances": instance_ids}
+
+    def build(tmp_dir: Path) -> int:
+        if n == 0:
+            log.info("cutpaste: disabled or 0 images per instance; committing an empty table")
+            return schema.write_image_table([], tmp_dir / "empty.parquet")
+        blobs, backgrounds_key = _encoded_backgrounds(cfg)
+        items = [{"instance_id": i, "k": k} for i in instance_ids for k in range(n)]
+        log.info(
+            "cutpaste: %d composites (%d instances x %d) on %d backgrounds (%s), %d px",
+            len(items),
+            len(instance_ids),
+            n,
+            len(blobs),
+            backgrounds_key,
+            cfg.cutpaste.image_size,
+        )
+        with ray_session(cfg):
+            import ray
+
+            real_ref, backgrounds_ref = ray.put(real), ray.put(blobs)
+            dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / BATCH_SIZE)))
+            dataset = dataset.map_batches(
+                _composite_batch,
+                batch_size=BATCH_SIZE,
+                batch_format="numpy",
+                fn_kwargs={
+                    "real_ref": real_ref,
+                    "backgrounds_ref": backgrounds_ref,
+                    "seed": cfg.seed,
+                    "scale_range": (cfg.cutpaste.scale_min, cfg.cutpaste.scale_max),
+                    "size": cfg.cutpaste.image_size,
+                    "backgrounds_key": backgrounds_key,
+                },
+            )
+            dataset.write_parquet(str(tmp_dir), compression="zstd")
+        table = schema.read_image_table(tmp_dir)  # validates every shard against the image-table schema
+        ids = table["image_id"]
+        if table.num_rows != len(items) or pc.count_distinct(ids).as_py() != len(items):
+            raise RuntimeError(
+                f"cutpaste wrote {table.num_rows} rows ({pc.count_distinct(ids).as_py()} distinct "
+                f"ids), expected {len(items)}"
+            )
+        log.info("cutpaste: wrote %d composites to %s", table.num_rows, tmp_dir)
+        return table.num_rows
+
+    out = stage_dir(cfg, STAGE)
+    return commit_stage(out, STAGE, stage_config, build, inputs=inputs, resolved_config=resolved(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)
