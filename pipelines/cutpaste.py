@@ -23,6 +23,7 @@ from personalization import schema
 from personalization.artifacts import commit_stage
 from personalization.config import ExperimentConfig, to_dict
 from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
+from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 
 STAGE = "cutpaste"
@@ -34,20 +35,7 @@ log = logging.getLogger(f"personalize.{STAGE}")
 def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[str]:
     """The instances to composite: the chosen ones (``data.instances``, else every ``test``/``user`` instance,
     capped at ``data.max_instances``), plus every val instance of their categories when ``include_val``."""
-    if cfg.data.instances:
-        unknown = [i for i in cfg.data.instances if i not in instances]
-        if unknown:
-            raise ValueError(
-                f"data.instances: {unknown} are not in OUT/ingest/instances.json; "
-                f"known instances: {sorted(instances)[:10]}..."
-            )
-        chosen = sorted(set(cfg.data.instances))
-    else:
-        chosen = sorted(i for i, info in instances.items() if info["split"] in ("test", "user"))
-    if cfg.data.max_instances:
-        chosen = chosen[: cfg.data.max_instances]
-    if not chosen:
-        raise ValueError("no instance selected: OUT/ingest/instances.json has no test instance; set data.instances")
+    chosen = common.select_instances(cfg, instances)
     if cfg.cutpaste.include_val:
         categories = {instances[i]["category"] for i in chosen}
         chosen += [i for i, info in instances.items() if info["split"] == "val" and info["category"] in categories]
