@@ -1,0 +1,309 @@
+"""Dataset layouts -> a plan of image entries (no pixels read yet).
+
+Layouts:
+
+- ``pods`` / ``dogs`` / ``df2``: ``train/<instance>/*``, ``test/<instance>/*``, ``train_masks/<instance>/*``,
+  ``test_masks/<instance>/*``, and (PODS) ``test_dense/<instance>/*`` + ``test_dense_masks/<instance>/*``, with
+  ``<layout>_info.json`` = {classes, class_to_idx, class_to_sc (category), class_to_split (val|test)}.
+  ``pods_image_annos.json`` (required for PODS, optional for the others) maps an image id to
+  {class, split, test_split}. **Image id keys**: the path relative to the dataset root
+  (``"test/mug_03/0001.jpg"``); also accepted, in this order: that path without its extension,
+  ``"<instance>/<file name>"``, and the bare file stem. Dogs/DF2 test images without annos are
+  ``in_distribution``.
+- ``folder``: a user's own object: photos at the top of the folder, optional masks in ``masks/``; category from
+  ``data.category``, instance id from ``data.instance_id`` or the folder name; split "train", instance split "user".
+- ``auto``: the layout whose info file exists, else ``folder``.
+
+Images pair with masks by file STEM (``a.jpg`` <-> ``a.png``), never by listing order. Structural problems
+(missing info file or folder, unknown instance, 0 or > 50 train photos, orphan masks, links out of the root) are
+collected in an :class:`ErrorLog` so the reader reports them together with the per-image ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from personalization.datasets.images import DatasetError, ErrorLog, check_inside, is_image_file
+
+INFO_LAYOUTS = ("pods", "dogs", "df2")
+LAYOUTS = ("auto", *INFO_LAYOUTS, "folder")
+TEST_SPLITS = ("in_distribution", "pose", "distractors", "pose_and_distractors")
+MIN_TRAIN_IMAGES, MAX_TRAIN_IMAGES = 1, 50
+# (image folder, mask folder, role, masks required)
+LAYOUT_FOLDERS = (
+    ("train", "train_masks", "real_train", False),
+    ("test", "test_masks", "real_test", False),
+    ("test_dense", "test_dense_masks", "real_test", True),  # dense = annotated for detection/segmentation
+)
+
+
+def info_file(layout: str) -> str:
+    return f"{layout}_info.json"
+
+
+def annos_file(layout: str) -> str:
+    return f"{layout}_image_annos.json"
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image to read: where it is, its mask (or None), and the row fields it will get."""
+
+    path: Path
+    relpath: str  # POSIX path relative to the dataset root: the image's identity
+    instance_id: str
+    category: str
+    role: str  # real_train | real_test
+    split: str  # train | a test split | test_dense
+    instance_split: str  # val | test | user
+    mask_path: Path | None = None
+
+
+@dataclass
+class DatasetScan:
+    root: Path
+    layout: str
+    entries: list[ImageEntry] = field(default_factory=list)
+    instances: dict[str, dict[str, str]] = field(default_factory=dict)
+    errors: ErrorLog | None = None
+
+
+def detect_layout(root: str | Path, layout: str = "auto") -> str:
+    """The concrete layout of ``root``; an explicit info layout must have its info file."""
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"data.layout={layout!r} is not one of {LAYOUTS}")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a folder; pass data.root=DIR")
+    if layout == "auto":
+        found = [name for name in INFO_LAYOUTS if (root / info_file(name)).is_file()]
+        if len(found) > 1:
+            raise DatasetError(f"{root}: holds several info files {[info_file(n) for n in found]}; pass data.layout")
+        return found[0] if found else "folder"
+    if layout in INFO_LAYOUTS and not (root / info_file(layout)).is_file():
+        raise DatasetError(
+            f"{root / info_file(layout)}: missing; the {layout} layout needs it (classes, class_to_sc, "
+            "class_to_split), or pass data.layout=folder for a plain folder of photos"
+        )
+    return layout
+
+
+def list_images(folder: Path, root: Path, errors: ErrorLog) -> dict[str, Path]:
+    """Image files directly in ``folder`` by stem; duplicate stems and links out of the root are errors."""
+    by_stem: dict[str, Path] = {}
+    if not folder.is_dir():
+        return by_stem
+    for path in sorted(folder.iterdir()):
+        if not is_image_file(path):
+            continue
+        try:
+            check_inside(path, root)
+        except DatasetError as error:
+            errors.add(str(error))
+            continue
+        if path.stem in by_stem:
+            errors.add(
+                f"{path}: same file stem as {by_stem[path.stem].name}; images pair with masks by stem, "
+                "so rename one of them"
+            )
+            continue
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def pair_masks(
+    images: dict[str, Path], mask_folder: Path, root: Path, errors: ErrorLog, required: bool
+) -> dict[str, Path | None]:
+    """stem -> mask path (or None). A mask whose stem matches no image is an error (a naming mismatch)."""
+    masks = list_images(mask_folder, root, errors)
+    for stem, path in masks.items():
+        if stem not in images:
+            errors.add(
+                f"{path}: no image with stem {stem!r} in {mask_folder.name.replace('_masks', '')}/; "
+                "name each mask like its image (a.jpg <-> a.png) or remove it"
+            )
+    paired = {stem: masks.get(stem) for stem in images}
+    if required:
+        for stem, mask in paired.items():
+            if mask is None:
+                errors.add(f"{images[stem]}: needs a mask {mask_folder}/{stem}.png; add it or remove the image")
+    return paired
+
+
+def _check_train_count(instance: str, count: int, folder: Path, errors: ErrorLog) -> None:
+    if not MIN_TRAIN_IMAGES <= count <= MAX_TRAIN_IMAGES:
+        errors.add(
+            f"{folder}: instance {instance!r} has {count} train photos; give {MIN_TRAIN_IMAGES} to "
+            f"{MAX_TRAIN_IMAGES} (the method expects about 3)"
+        )
+
+
+def _read_json(path: Path, errors: ErrorLog) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        errors.add(f"{path}: cannot be read as JSON ({error}); fix or re-download it")
+        return None
+    if not isinstance(data, dict):
+        errors.add(f"{path}: must hold a JSON object, got {type(data).__name__}")
+        return None
+    return data
+
+
+class _Annos:
+    """Lookup of the test split of a test image in ``<layout>_image_annos.json``."""
+
+    def __init__(self, path: Path, annos: dict | None, required: bool) -> None:
+        self.path, self.annos, self.required = path, annos or {}, required
+
+    def test_split(self, relpath: str, instance: str, errors: ErrorLog) -> str | None:
+        if not self.annos and not self.required:
+            return "in_distribution"
+        name = relpath.rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0]
+        for key in (relpath, relpath.rsplit(".", 1)[0], f"{instance}/{name}", stem):
+            if key in self.annos:
+                anno = self.annos[key]
+                break
+        else:
+            errors.add(
+                f"{relpath}: no entry in {self.path.name}; key it by its path relative to the root "
+                f"({relpath!r}) or its file stem, or remove the image"
+            )
+            return None
+        split = anno.get("test_split") if isinstance(anno, dict) else None
+        if split not in TEST_SPLITS:
+            errors.add(f"{self.path.name}[{key!r}]: test_split {split!r} is not one of {TEST_SPLITS}")
+            return None
+        if anno.get("class", instance) != instance:
+            errors.add(
+                f"{self.path.name}[{key!r}]: class {anno.get('class')!r} but the image is in the folder of "
+                f"{instance!r}; key annos by relative path when file stems repeat across instances"
+            )
+            return None
+        return split
+
+
+def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
+    scan = DatasetScan(root=root, layout=layout, errors=errors)
+    info_path = root / info_file(layout)
+    info = _read_json(info_path, errors)
+    if info is None:
+        return scan
+    missing = [key for key in ("classes", "class_to_sc", "class_to_split") if key not in info]
+    if missing:
+        errors.add(f"{info_path}: lacks keys {missing}; it needs classes, class_to_sc and class_to_split")
+        return scan
+    if not (
+        isinstance(info["classes"], list)
+        and isinstance(info["class_to_sc"], dict)
+        and isinstance(info["class_to_split"], dict)
+    ):
+        errors.add(f"{info_path}: classes must be a list, class_to_sc and class_to_split objects")
+        return scan
+    annos_path = root / annos_file(layout)
+    annos = _read_json(annos_path, errors) if annos_path.is_file() else None
+    if layout == "pods" and not annos_path.is_file():
+        errors.add(f"{annos_path}: missing; PODS needs it to know each test image's test_split")
+    lookup = _Annos(annos_path, annos, required=layout == "pods")
+
+    classes = [str(c) for c in info["classes"]]
+    for folder in ("train", "test", "test_dense"):
+        if (root / folder).is_dir():
+            for extra in sorted(p.name for p in (root / folder).iterdir() if p.is_dir()):
+                if extra not in classes:
+                    errors.add(
+                        f"{root / folder / extra}: instance not in {info_path.name} classes; add it there "
+                        "or remove the folder"
+                    )
+    for instance in classes:
+        category = info["class_to_sc"].get(instance)
+        split = info["class_to_split"].get(instance)
+        if not category:
+            errors.add(f"{info_path}: class_to_sc has no category for {instance!r}")
+            continue
+        if split not in ("val", "test"):
+            errors.add(f"{info_path}: class_to_split[{instance!r}] is {split!r}; use 'val' or 'test'")
+            continue
+        scan.instances[instance] = {"category": str(category), "split": split}
+        for image_folder, mask_folder, role, masks_required in LAYOUT_FOLDERS:
+            folder = root / image_folder / instance
+            images = list_images(folder, root, errors)
+            if image_folder == "train":
+                _check_train_count(instance, len(images), folder, errors)
+            masks = pair_masks(images, root / mask_folder / instance, root, errors, masks_required)
+            for stem, path in images.items():
+                relpath = path.relative_to(root).as_posix()
+                image_split = image_folder
+                if image_folder == "test":
+                    image_split = lookup.test_split(relpath, instance, errors)
+                    if image_split is None:
+                        continue
+                scan.entries.append(
+                    ImageEntry(path, relpath, instance, str(category), role, image_split, split, masks[stem])
+                )
+    return scan
+
+
+def scan_folder_layout(root: Path, category: str, instance_id: str, errors: ErrorLog) -> DatasetScan:
+    scan = DatasetScan(root=root, layout="folder", errors=errors)
+    if not category:
+        errors.add(
+            f"{root}: a plain folder of photos needs its object's category; pass data.category=NAME "
+            "(e.g. data.category=mug)"
+        )
+        return scan
+    instance = instance_id or root.resolve().name
+    images = list_images(root, root, errors)
+    _check_train_count(instance, len(images), root, errors)
+    masks = pair_masks(images, root / "masks", root, errors, required=False)
+    scan.instances[instance] = {"category": category, "split": "user"}
+    for stem, path in images.items():
+        scan.entries.append(
+            ImageEntry(
+                path, path.relative_to(root).as_posix(), instance, category, "real_train", "train", "user", masks[stem]
+            )
+        )
+    return scan
+
+
+def subsample_test(entries: list[ImageEntry], max_test_images: int, seed: int) -> list[ImageEntry]:
+    """Keep at most ``max_test_images`` test images per (instance, split), chosen by a seeded draw."""
+    if max_test_images <= 0:
+        return entries
+    groups: dict[tuple[str, str], list[ImageEntry]] = defaultdict(list)
+    for entry in entries:
+        if entry.role == "real_test":
+            groups[(entry.instance_id, entry.split)].append(entry)
+    keep: set[str] = set()
+    for (instance, split), group in sorted(groups.items()):
+        # A string seed hashes deterministically (not per process like hash()).
+        rng = random.Random(f"{seed}/{instance}/{split}")
+        chosen = group if len(group) <= max_test_images else rng.sample(group, max_test_images)
+        keep.update(e.relpath for e in chosen)
+    return [e for e in entries if e.role != "real_test" or e.relpath in keep]
+
+
+def scan_dataset(
+    root: str | Path,
+    layout: str = "auto",
+    *,
+    category: str = "",
+    instance_id: str = "",
+    max_test_images: int = 0,
+    seed: int = 0,
+) -> DatasetScan:
+    """List every image of a dataset with its row fields; structural problems land in ``scan.errors``."""
+    root = Path(root)
+    layout = detect_layout(root, layout)
+    errors = ErrorLog(root)
+    if layout == "folder":
+        scan = scan_folder_layout(root, category, instance_id, errors)
+    else:
+        scan = scan_info_layout(root, layout, errors)
+    scan.entries = subsample_test(scan.entries, max_test_images, seed)
+    return scan
