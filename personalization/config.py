@@ -46,10 +46,12 @@ class DataConfig:
     instances: tuple[str, ...] = ()  # instances to personalize; empty = every instance whose split is `test`
     max_instances: int = 0  # 0 = no limit; else the first N selected instances (sorted)
     max_test_images: int = 0  # 0 = all; else a seeded sample of each instance's test images per split
+    max_side: int = 1024  # photos (and masks) larger than this are downscaled on ingest; 0 = keep full size
 
     def validate(self) -> None:
         _positive(self.max_instances, "data.max_instances", allow_zero=True)
         _positive(self.max_test_images, "data.max_test_images", allow_zero=True)
+        _positive(self.max_side, "data.max_side", allow_zero=True)
         if self.root:
             _require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
 

@@ -45,6 +45,7 @@ def ingest_config(cfg: ExperimentConfig) -> dict:
         "category": data.category if layout == "folder" else "",
         "instance_id": data.instance_id if layout == "folder" else "",
         "max_test_images": data.max_test_images,
+        "max_side": data.max_side,
         "seed": cfg.seed if data.max_test_images else None,
         "listing": hash_listing(dataset_listing(root, layout)),
     }
@@ -62,7 +63,7 @@ def _build(cfg: ExperimentConfig, layout: str, out: Path) -> int:
     )
     rows, batch = 0, []
     with pq.ParquetWriter(out / "images.parquet", IMAGE_SCHEMA, compression="zstd") as writer:
-        for row in iter_rows(scan):
+        for row in iter_rows(scan, max_side=data.max_side):
             batch.append(row)
             if len(batch) >= BATCH_ROWS:
                 writer.write_table(validate_table(rows_to_table(batch)))

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from personalization.datasets.images import DatasetError, ErrorLog, is_image_file, load_image, load_mask
@@ -32,10 +34,19 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_IMAGES = 50  # show a progress bar from this many images on
 
 
-def load_entry(entry: ImageEntry) -> dict:
-    """One image (and its mask) -> an image-table row; raises :class:`DatasetError` naming the bad file."""
+def load_entry(entry: ImageEntry, max_side: int = 0) -> dict:
+    """One image (and its mask) -> an image-table row; raises :class:`DatasetError` naming the bad file.
+
+    Photos whose longer side exceeds ``max_side`` (0 = no limit) are downscaled, their masks alike (nearest).
+    """
     image, tag = load_image(entry.path)
     mask = load_mask(entry.mask_path, image.size, tag) if entry.mask_path is not None else None
+    if max_side and max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     return make_row(
         image_id=make_image_id("real", entry.relpath),
         instance_id=entry.instance_id,
@@ -49,7 +60,7 @@ def load_entry(entry: ImageEntry) -> dict:
     )
 
 
-def iter_rows(scan: DatasetScan, progress: bool | None = None) -> Iterator[dict]:
+def iter_rows(scan: DatasetScan, progress: bool | None = None, max_side: int = 0) -> Iterator[dict]:
     """Rows of every readable entry; unreadable ones are added to ``scan.errors`` (the caller raises)."""
     errors = scan.errors if scan.errors is not None else ErrorLog(scan.root)
     scan.errors = errors
@@ -59,7 +70,7 @@ def iter_rows(scan: DatasetScan, progress: bool | None = None) -> Iterator[dict]
         log.warning("%d train photo(s) in %s have no mask; stages that need masks will skip them", unmasked, scan.root)
     for entry in tqdm(scan.entries, desc=f"reading {scan.root.name}", unit="img", disable=not show):
         try:
-            yield load_entry(entry)
+            yield load_entry(entry, max_side)
         except DatasetError as error:
             errors.add(str(error))
 

@@ -102,3 +102,19 @@ def test_folder_layout_through_main(tmp_path, capsys):
     instances = json.loads((out_dir / "ingest" / "instances.json").read_text())
     assert instances == {"blue_mug": {"category": "mug", "split": "user"}}
     assert read_image_table(out_dir / "ingest", role="real_train").num_rows == 3
+
+
+def test_large_photos_are_downscaled_with_their_masks(tmp_path):
+    root = tmp_path / "my_mug"
+    (root / "masks").mkdir(parents=True)
+    Image.new("RGB", (300, 150), "blue").save(root / "a.png")
+    mask = np.zeros((150, 300), np.uint8)
+    mask[30:120, 60:240] = 255
+    Image.fromarray(mask).save(root / "masks" / "a.png")
+    out = ingest.run(_cfg(root, tmp_path / "out", category="mug", max_side=100))
+    (row,) = read_image_table(out).to_pylist()
+    assert (row["width"], row["height"]) == (100, 50)
+    from personalization.schema import decode_mask
+
+    small = decode_mask(row["mask"])
+    assert small.shape == (50, 100) and small[10:40, 20:80].all() and not small[:9].any()
