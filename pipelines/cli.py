@@ -26,7 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: personalize COMMAND [--config FILE] [key=value ...]", "", "commands:"]
+    lines = [
+        "usage: personalize COMMAND [--config FILE] [key=value ...]",
+        "       personalize --address http://HEAD:8265 [--no-follow] COMMAND ...   (submit as a Ray Job)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `personalize COMMAND --help` for a command's options."]
     return "\n".join(lines)
@@ -37,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0].split("=")[0] in ("--address", "--no-follow", "--runtime-env", "--working-dir"):
+        # `personalize --address URL COMMAND ...`: submit the command as a Ray Job and follow its logs.
+        return int(importlib.import_module("pipelines.jobs").main(argv))
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"personalize: unknown command {command!r}\n\n{usage()}", file=sys.stderr)

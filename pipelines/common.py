@@ -37,8 +37,9 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    # Inside a Ray Job (`ray job submit`, `personalize --address`) Ray sets RAY_ADDRESS: join that cluster.
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, include_dashboard=False)

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# A single-node Ray head on this machine, with the dashboard and the Jobs API on 127.0.0.1 only.
+#
+#   cluster/local_head.sh start    # start it, wait until the Jobs API answers, print the addresses
+#   cluster/local_head.sh status   # is it up? which addresses?
+#   cluster/local_head.sh stop     # stop exactly what `start` started (by PID), nothing else
+#
+# Then submit work to it, either way:
+#   personalize --address http://127.0.0.1:8265 run --config configs/demo.yaml data.root=outputs/toy
+#   ray job submit --address http://127.0.0.1:8265 --working-dir . \
+#       --runtime-env cluster/runtime_env.yaml -- personalize run --config configs/demo.yaml data.root=outputs/toy
+#
+# Why `ray start --block` in the background rather than plain `ray start`: the blocking process owns every Ray
+# process of this head (they share its process group and die with it), so stopping is "signal one PID we wrote
+# down" - never `ray stop`, which kills every Ray on the machine, including other people's.
+#
+# Settings (environment variables; defaults in brackets):
+#   RAY_HEAD_DIR        state folder: pid file, log, Ray's --temp-dir  [/tmp/personalize-ray-$USER]
+#                       (keep it short: Ray puts unix sockets under it and socket paths max out near 100 chars)
+#   RAY_HEAD_PORT       GCS port                                        [6390]
+#   RAY_DASHBOARD_PORT  dashboard + Jobs API port                       [8265]
+#   RAY_CLIENT_PORT     Ray Client (ray://) port                        [10001]
+#   RAY_AGENT_PORT      dashboard agent HTTP port                       [52365]
+#   RAY_METRICS_PORT    Prometheus metrics export port (scrape it)      [Ray picks one]
+#   RAY_HEAD_NUM_CPUS   CPUs the head offers                            [all cores]
+#   RAY_HEAD_NUM_GPUS   GPUs the head offers                            [Ray detects them]
+#   RAY_AUTH_MODE       `disabled` (default here) or `token`. With `token`, Ray reads the token from
+#                       RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; make one with
+#                       `ray get-auth-token --generate`. Clients (personalize --address, ray job submit) then need
+#                       the same token: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(ray get-auth-token)`.
+#   RAY_BIN             the `ray` executable                            [.venv/bin/ray, else `ray` on PATH]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HEAD_DIR="${RAY_HEAD_DIR:-/tmp/personalize-ray-${USER:-$(id -un)}}"
+HEAD_PORT="${RAY_HEAD_PORT:-6390}"
+DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
+CLIENT_PORT="${RAY_CLIENT_PORT:-10001}"
+AGENT_PORT="${RAY_AGENT_PORT:-52365}"
+NUM_CPUS="${RAY_HEAD_NUM_CPUS:-$(nproc)}"
+PID_FILE="$HEAD_DIR/head.pid"
+LOG_FILE="$HEAD_DIR/head.log"
+URL="http://127.0.0.1:$DASHBOARD_PORT"
+
+if [[ -n "${RAY_BIN:-}" ]]; then
+  RAY="$RAY_BIN"
+elif [[ -x "$ROOT/.venv/bin/ray" ]]; then
+  RAY="$ROOT/.venv/bin/ray"
+  # Jobs run their entrypoint with the head's environment: put the venv's `personalize` and `python` first.
+  export PATH="$ROOT/.venv/bin:$PATH"
+else
+  RAY="ray"
+fi
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+
+head_pid() {
+  # The PID we recorded, if that process still runs and is still our `ray start` (guards against PID reuse).
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(cat "$PID_FILE")"
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "--temp-dir $HEAD_DIR/ray" || return 1
+  echo "$pid"
+}
+
+descendants() {
+  # All PIDs below $1 in the process tree (children, grandchildren, ...).
+  local parent child
+  for parent in "$@"; do
+    for child in $(ps -o pid= --ppid "$parent" 2>/dev/null); do
+      echo "$child"
+      descendants "$child"
+    done
+  done
+}
+
+jobs_api_up() {
+  local auth=()
+  [[ -n "${RAY_AUTH_TOKEN:-}" ]] && auth=(-H "Authorization: Bearer $RAY_AUTH_TOKEN")
+  curl -s -o /dev/null -m 2 -w '%{http_code}' "${auth[@]}" "$URL/api/version" | grep -q '^200$'
+}
+
+print_addresses() {
+  echo "Ray head (auth: $RAY_AUTH_MODE, cpus: $NUM_CPUS, state: $HEAD_DIR)"
+  echo "  dashboard:          $URL   (bound to 127.0.0.1; from another machine: ssh -L $DASHBOARD_PORT:127.0.0.1:$DASHBOARD_PORT)"
+  echo "  job submit address: $URL"
+  echo "  driver address:     127.0.0.1:$HEAD_PORT   (ray.init(address=...) on this machine)"
+  echo "  submit:  personalize --address $URL run --config configs/demo.yaml data.root=outputs/toy"
+  echo "      or:  $RAY job submit --address $URL --working-dir . --runtime-env cluster/runtime_env.yaml -- personalize run ..."
+}
+
+start() {
+  if pid="$(head_pid)"; then
+    echo "already running (pid $pid)"
+    print_addresses
+    return 0
+  fi
+  mkdir -p "$HEAD_DIR/ray"
+  # setsid: the head gets its own session and process group (= its PID), so `stop` can sweep exactly it.
+  setsid "$RAY" start --head --block \
+    --port "$HEAD_PORT" \
+    --ray-client-server-port "$CLIENT_PORT" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+    --dashboard-agent-listen-port "$AGENT_PORT" \
+    ${RAY_METRICS_PORT:+--metrics-export-port "$RAY_METRICS_PORT"} \
+    --num-cpus "$NUM_CPUS" ${RAY_HEAD_NUM_GPUS:+--num-gpus "$RAY_HEAD_NUM_GPUS"} \
+    --temp-dir "$HEAD_DIR/ray" \
+    --disable-usage-stats \
+    >"$LOG_FILE" 2>&1 </dev/null &
+  echo $! >"$PID_FILE"
+  for _ in $(seq 1 120); do
+    if jobs_api_up; then
+      print_addresses
+      return 0
+    fi
+    if ! kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+      echo "the Ray head exited while starting; its log ($LOG_FILE) ends with:" >&2
+      tail -n 20 "$LOG_FILE" >&2
+      rm -f "$PID_FILE"
+      return 1
+    fi
+    sleep 1
+  done
+  echo "the Ray head did not answer on $URL within 120 s; see $LOG_FILE; stopping it" >&2
+  stop
+  return 1
+}
+
+stop() {
+  local pid
+  if ! pid="$(head_pid)"; then
+    echo "no head of ours is running (pid file: $PID_FILE)"
+    rm -f "$PID_FILE"
+    return 0
+  fi
+  # Ray workers put themselves in their own process groups: note every descendant now, while the tree is intact.
+  local tree
+  tree="$(descendants "$pid")"
+  # SIGTERM to `ray start --block` makes it shut down every process it started, gracefully.
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 1
+  done
+  # Stragglers (workers mid-task) are still in the head's process group: sweep that group only.
+  if kill -0 -- "-$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    sleep 2
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  # Then any noted descendant still alive that still belongs to this head (its command line names our folder).
+  local child
+  for child in $tree; do
+    if tr '\0' ' ' 2>/dev/null <"/proc/$child/cmdline" | grep -q -- "$HEAD_DIR"; then
+      kill -KILL "$child" 2>/dev/null || true
+    fi
+  done
+  rm -f "$PID_FILE"
+  echo "stopped the Ray head (pid $pid)"
+}
+
+status() {
+  local pid
+  if pid="$(head_pid)"; then
+    if jobs_api_up; then echo "running (pid $pid), Jobs API answering"; else echo "running (pid $pid), Jobs API not answering yet"; fi
+    print_addresses
+  else
+    echo "not running (no live head recorded in $PID_FILE)"
+    return 3
+  fi
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *)
+    echo "usage: $0 start|stop|status   (settings: see the comments at the top of this file)" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,238 @@
+"""Send a `personalize` command to a running Ray cluster as a Ray Job, and follow its logs.
+
+``personalize --address http://HEAD:8265 run --config configs/demo.yaml ...`` is the same as::
+
+    ray job submit --address http://HEAD:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \\
+        -- personalize run --config configs/demo.yaml ...
+
+The address is the head's dashboard / Jobs API (HTTP, port 8265 by default), not the ``ray://`` client port.
+The working directory (this checkout) is zipped and uploaded with the job, so the cluster runs this code; the
+cluster's Python must already hold the pinned dependencies and the ``personalize`` script (cluster/README notes).
+
+Token auth (Ray >= 2.52; a cluster started with ``RAY_AUTH_MODE=token``): the client sends
+``Authorization: Bearer <token>``. The token comes from, in order: ``submit(token=...)``, ``RAY_AUTH_TOKEN``,
+the file named by ``RAY_AUTH_TOKEN_PATH``, and, when ``RAY_AUTH_MODE=token``, ``~/.ray/auth_token``
+(what ``ray get-auth-token`` prints). The same variables work for ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+START_HINT = "start a local head with `cluster/local_head.sh start`, or check the address (ray status on the head)"
+
+
+class ClusterError(ValueError):
+    """The cluster cannot be used as asked (no answer, missing or wrong token, bad address): a user error."""
+
+
+def normalize_address(address: str) -> str:
+    """``host:port`` -> ``http://host:port``; a ``ray://`` client address is refused with the fix."""
+    address = (address or "").strip().rstrip("/")
+    if not address:
+        raise ClusterError("--address is empty; pass the head's Jobs API, e.g. --address http://127.0.0.1:8265")
+    if address.startswith("ray://"):
+        raise ClusterError(
+            f"--address {address}: that is the Ray Client port; jobs go to the dashboard's HTTP address, "
+            "e.g. http://HEAD:8265"
+        )
+    if "://" not in address:
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address {address}: expected http://HOST:PORT (the head's dashboard / Jobs API)")
+    return address
+
+
+def load_token(token: str | None = None) -> str | None:
+    """The cluster token to send, by the precedence in the module docstring; None when there is none."""
+    if token:
+        return token.strip()
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        if not Path(path).is_file():
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: no such file; point it at the file holding the token")
+        return Path(path).read_text().strip()
+    default = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
+        return default.read_text().strip()
+    return None
+
+
+def check_cluster(address: str, token: str | None = None, timeout: float = 5.0) -> str:
+    """Ask the Jobs API for its Ray version, within ``timeout`` seconds; a clear ClusterError if it cannot answer.
+
+    The SDK's own check has no timeout (a silent address would hang for minutes), and its auth errors do not
+    say which variable to set: this check does both. Returns the cluster's Ray version.
+    """
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        reply = requests.get(f"{address}/api/version", headers=headers, timeout=(timeout, timeout))
+    except requests.exceptions.RequestException as error:
+        raise ClusterError(f"no Ray cluster answers at {address} ({type(error).__name__}); {START_HINT}") from None
+    if reply.status_code == 401:
+        raise ClusterError(
+            f"the cluster at {address} requires a token (RAY_AUTH_MODE=token on the cluster) and none was sent: "
+            "set RAY_AUTH_TOKEN (e.g. `export RAY_AUTH_TOKEN=$(ray get-auth-token)` on a machine holding the "
+            "cluster's token) or RAY_AUTH_TOKEN_PATH=FILE"
+        )
+    if reply.status_code == 403:
+        raise ClusterError(
+            f"the cluster at {address} rejected the token: RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token "
+            "holds a different token than the cluster's"
+        )
+    if reply.status_code != 200:
+        raise ClusterError(f"{address}/api/version answered HTTP {reply.status_code}: is this a Ray dashboard?")
+    return reply.json().get("ray_version", "?")
+
+
+def connect(address: str, token: str | None = None):
+    """A ``JobSubmissionClient`` for ``address`` after a fast reachability and auth check."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = normalize_address(address)
+    token = load_token(token)
+    check_cluster(address, token)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(address, headers=headers)
+
+
+def load_runtime_env(path: str | Path | None, working_dir: str | Path | None) -> dict:
+    """The runtime env YAML (or {}) with ``working_dir`` set to an absolute local folder (uploaded by the SDK)."""
+    env: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--runtime-env {path}: no such file (the shipped one is cluster/runtime_env.yaml)")
+        env = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(env, dict):
+            raise ClusterError(f"{path}: a runtime env must be a mapping (env_vars, excludes, pip, ...)")
+    if working_dir is not None:
+        folder = Path(working_dir).resolve()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
+        env["working_dir"] = str(folder)
+    return env
+
+
+def follow_job(client, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> str:
+    """Stream the job's logs to ``out`` until it ends; return its final status (SUCCEEDED, FAILED, STOPPED)."""
+    out = out or sys.stdout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # websocket refused (proxy, old server): fall back to polling the full log
+        shown = 0
+        while True:
+            status = str(client.get_job_status(job_id).value)
+            logs = client.get_job_logs(job_id)
+            out.write(logs[shown:])
+            out.flush()
+            shown = len(logs)
+            if status in TERMINAL:
+                break
+            time.sleep(poll_s)
+    # The log stream closes a moment before the status turns terminal.
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+        time.sleep(poll_s)
+    return status
+
+
+def submit(
+    address: str,
+    entrypoint_argv: Sequence[str],
+    *,
+    working_dir: str | Path | None = ".",
+    runtime_env_path: str | Path | None = None,
+    follow: bool = True,
+    token: str | None = None,
+) -> str:
+    """Submit ``entrypoint_argv`` (e.g. ``["personalize", "run", "--config", ...]``) as a Ray Job; return its id.
+
+    With ``follow`` the call streams the job's logs until it ends and prints its final status; get the status
+    itself with ``job_status``. ``working_dir=None`` uploads nothing (the cluster's own files are used).
+    """
+    if not entrypoint_argv:
+        raise ClusterError("no command to submit; e.g. `personalize --address URL run --config configs/demo.yaml`")
+    client = connect(address, token)
+    runtime_env = load_runtime_env(runtime_env_path, working_dir)
+    entrypoint = shlex.join(entrypoint_argv)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
+    where = normalize_address(address)
+    print(f"submitted job {job_id} to {where}: {entrypoint}")
+    print(f"  logs: ray job logs --address {where} -f {job_id}   stop: ray job stop --address {where} {job_id}")
+    if follow:
+        status = follow_job(client, job_id)
+        print(f"job {job_id}: {status}")
+    return job_id
+
+
+def job_status(address: str, job_id: str, token: str | None = None) -> str:
+    """The job's current status name: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    return str(connect(address, token).get_job_status(job_id).value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personalize --address URL",
+        description="Run a personalize command on a Ray cluster as a Ray Job (the Jobs API at URL).",
+    )
+    parser.add_argument("--address", required=True, help="the head's dashboard / Jobs API, e.g. http://127.0.0.1:8265")
+    parser.add_argument("--no-follow", action="store_true", help="submit and return; do not stream the logs")
+    parser.add_argument("--runtime-env", help="runtime env YAML, e.g. cluster/runtime_env.yaml")
+    parser.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the personalize command and its arguments")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``personalize --address URL [--no-follow] [--runtime-env FILE] COMMAND ARGS...``.
+
+    Exit status: 0 when the job SUCCEEDED (or was submitted, with --no-follow), 1 when it failed or was stopped,
+    2 for bad input (no answer at the address, missing token, ...).
+    """
+    args = build_parser().parse_args(argv)
+    if not args.command:
+        print("personalize --address: no command given, e.g. `run --config configs/demo.yaml`", file=sys.stderr)
+        return 2
+    argv_job = ["personalize", *args.command]
+    try:
+        job_id = submit(
+            args.address,
+            argv_job,
+            working_dir=args.working_dir,
+            runtime_env_path=args.runtime_env,
+            follow=not args.no_follow,
+        )
+        if args.no_follow:
+            return 0
+        return 0 if job_status(args.address, job_id) == "SUCCEEDED" else 1
+    except (ClusterError, FileNotFoundError) as error:
+        print(f"personalize --address: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped following; the job keeps running (`ray job stop --address URL JOB_ID` ends it)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
