@@ -94,6 +94,10 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
         "seconds": timings,
         "config": "config.yaml",
     }
+    from pipelines.report import current_job_id
+
+    if job := current_job_id():
+        summary["job_id"] = job
     (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -1,0 +1,65 @@
+"""``OUT/report.html`` from what the stages committed: metrics, training loss, PR curves, samples, masks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from personalization import schema
+from personalization.config import ExperimentConfig
+from personalization.evaluation.report import load_evaluation_outputs, write_report
+
+SAMPLES_PER_SOURCE = 8
+
+
+def _loss_history(out: Path, instances: list[str]) -> dict[str, list[float]]:
+    history = {}
+    for instance in instances:
+        path = out / "train" / instance / "metrics.json"
+        if path.is_file():
+            history[instance] = json.loads(path.read_text()).get("loss", [])
+    return history
+
+
+def _samples(out: Path, instances: list[str]) -> list[tuple[str, bytes]]:
+    """A few synthetic images per source (Cut-and-Paste composites, generated positives and negatives)."""
+    samples = []
+    for stage in ("cutpaste", "generate"):
+        folder = out / stage
+        if not folder.is_dir():
+            continue
+        table = schema.read_image_table(folder, columns=["instance_id", "role", "source", "image", "score"])
+        rows = [r for r in table.to_pylist() if r["instance_id"] in instances or r["role"] == "negative"]
+        for row in rows[:SAMPLES_PER_SOURCE]:
+            score = "" if row["score"] is None else f", score {row['score']:.2f}"
+            samples.append((f"{row['source']} {row['role']}: {row['instance_id']}{score}", row["image"]))
+    return samples
+
+
+def current_job_id() -> str | None:
+    """The Ray Job id when this driver runs as a submitted job (``ray job submit`` / ``personalize --address``)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except json.JSONDecodeError:
+        return None
+
+
+def build_report(cfg: ExperimentConfig, summary: dict) -> Path:
+    out = Path(cfg.output_dir)
+    notes = [f"backbone {cfg.model.backbone}; {len(summary['instances'])} instances; output {out.resolve()}"]
+    if job := current_job_id():
+        notes.append(f"Ray Job {job}")
+    if cfg.generate.enabled and "zoo" in (cfg.dreambooth.base_model + cfg.generate.prompts_file):
+        notes.append("Generated images come from the tiny random zoo models: they are noise, by design.")
+    return write_report(
+        out / "report.html",
+        {"name": cfg.name, **summary["metrics"], "per_instance": summary["per_instance"]},
+        loss_history=_loss_history(out, summary["instances"]),
+        sample_images=_samples(out, summary["instances"]),
+        notes=notes,
+        **load_evaluation_outputs(out / "evaluate"),
+    )
