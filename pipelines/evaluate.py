@@ -1,0 +1,335 @@
+"""`personalize evaluate`: the pretrained encoder vs each instance's personalized encoder on the four tasks.
+
+Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<instance>/; commits OUT/evaluate/:
+
+- ``metrics.json``: ``{"pretrained": {key: mean}, "personalized": {key: mean}, "per_instance": {id: {"pretrained":
+  {...}, "personalized": {...}}}}`` with keys ``classification/pr_auc``, ``retrieval/{ndcg,mrr,top10}``,
+  ``detection/{ap,ap50}``, ``segmentation/{ap,ap50}`` (the tasks in ``evaluate.tasks``). Means skip NaN.
+- ``pr_curves.json``: ``{model: {instance: {"precision": [...], "recall": [...]}}}``.
+- ``predictions.json``: ``{model: {instance: [{"image_id", "box", "score"}]}}`` (dense tasks).
+- ``examples/*.png`` + ``mask_examples.json``: ``[{"caption", "image", "mask"}]`` for the report.
+
+The evaluated population is every non-val instance (test and user splits): its test images are the test set
+(other instances are the negatives) and its train images the retrieval gallery. The pretrained encoder is scored
+for every selected instance; the personalized encoder of X for X only, over the same images. Features come from
+Ray Data actor pools (:class:`EmbedActor` around the library's ``FeatureExtractor``); metrics are numpy on the
+driver. Dense evaluation images are the ``test_dense`` split when present, else the test images with masks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from personalization import schema
+from personalization.artifacts import commit_stage, read_manifest
+from personalization.config import ExperimentConfig, to_dict
+from personalization.evaluation.classification import compute_pr_curve, evaluate_classification
+from personalization.evaluation.coco import evaluate_coco
+from personalization.evaluation.dense import DensePrediction
+from personalization.evaluation.extract import FeatureExtractor
+from personalization.evaluation.retrieval import evaluate_retrieval
+from pipelines.common import ray_session, resolved, stage_dir, stage_main
+
+STAGE = "evaluate"
+DENSE_TASKS = ("detection", "segmentation")
+EXAMPLES_PER_MODEL = 4  # predicted masks saved for the report, per model
+log = logging.getLogger(f"personalize.{STAGE}")
+
+
+class EmbedActor:
+    """Ray Data actor: loads one encoder once; ``mode`` picks embed / templates / predict for every batch."""
+
+    def __init__(
+        self,
+        model: dict,
+        adapter_dir: str,
+        mode: str,
+        dense_size: int,
+        templates: dict | None = None,
+        min_object_pixels: int = 100,
+    ):
+        self.extractor = FeatureExtractor(model, adapter_dir, dense_size=dense_size)
+        self.mode, self.templates, self.min_object_pixels = mode, templates or {}, min_object_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = list(batch["image"])
+        if self.mode == "embed":
+            return {"image_id": batch["image_id"], "embedding": self.extractor.embed(images)}
+        if self.mode == "templates":
+            references, box_means = self.extractor.templates(images, list(batch["mask"]))
+            return {"image_id": batch["image_id"], "reference": references, "box_mean": box_means}
+        hw = list(zip(batch["height"], batch["width"], strict=True))
+        return self.extractor.predict(images, list(batch["image_id"]), hw, self.templates, self.min_object_pixels)
+
+
+def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[str]:
+    """``data.instances``, else every test/user instance (sorted), capped at ``data.max_instances``."""
+    if cfg.data.instances:
+        unknown = [i for i in cfg.data.instances if i not in instances]
+        if unknown:
+            raise ValueError(f"data.instances: {unknown} are not in OUT/ingest/instances.json")
+        chosen = sorted(set(cfg.data.instances))
+    else:
+        chosen = sorted(i for i, info in instances.items() if info["split"] in ("test", "user"))
+    if cfg.data.max_instances:
+        chosen = chosen[: cfg.data.max_instances]
+    if not chosen:
+        raise ValueError("no instance to evaluate: OUT/ingest/instances.json has no test instance; set data.instances")
+    return chosen
+
+
+def _features(table: pa.Table, cfg: ExperimentConfig, adapter: str, mode: str, **kwargs) -> list[dict]:
+    """The rows an actor pool returns over ``table``'s rows (see :class:`EmbedActor`)."""
+    import ray
+
+    if table.num_rows == 0:
+        return []
+    columns = ["image_id", "image", "height", "width"] + (["mask"] if mode == "templates" else [])
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    dataset = ray.data.from_arrow(table.select(columns)).map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "model": to_dict(cfg.model),
+            "adapter_dir": adapter,
+            "mode": mode,
+            "dense_size": cfg.evaluate.dense_image_size,
+            **kwargs,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.num_actors),
+        batch_size=cfg.evaluate.batch_size,
+        num_gpus=gpus,
+    )
+    return dataset.take_all()
+
+
+def _load_tables(images_path: Path, instances: dict[str, dict]) -> dict[str, pa.Table]:
+    """The real image rows split by use: gallery (train), test (classification/retrieval), dense (detection)."""
+    population = sorted(i for i, info in instances.items() if info["split"] != "val")
+    table = schema.read_image_table(images_path, role=["real_train", "real_test"], instance_id=population)
+    train = table.filter(pc.equal(table["role"], "real_train"))
+    test_all = table.filter(pc.equal(table["role"], "real_test"))
+    is_dense = pc.equal(test_all["split"], "test_dense")
+    test = test_all.filter(pc.invert(is_dense))
+    if test.num_rows == 0:
+        test = test_all  # only densely annotated test images: use them for every task
+    dense = test_all.filter(is_dense)
+    if dense.num_rows == 0:
+        dense = test_all.filter(pc.is_valid(test_all["mask"]))
+    return {"train": train, "test": test, "dense": dense}
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _rows_of(table: pa.Table, instance: str) -> pa.Table:
+    return table.filter(pc.equal(table["instance_id"], instance))
+
+
+def evaluate_encoder(
+    cfg: ExperimentConfig, tables: dict[str, pa.Table], adapter: str, instances: list[str]
+) -> tuple[dict[str, dict], dict[str, tuple], dict[str, list]]:
+    """Metrics per instance of one encoder, its PR curves, and its dense predictions (image_id, mask, box, score)."""
+    tasks = cfg.evaluate.tasks
+    metrics: dict[str, dict] = {i: {} for i in instances}
+    curves: dict[str, tuple] = {}
+    if "classification" in tasks or "retrieval" in tasks:
+        train, test = tables["train"], tables["test"]
+        rows = _features(pa.concat_tables([train, test]), cfg, adapter, "embed")
+        embeddings = {row["image_id"]: np.asarray(row["embedding"]) for row in rows}
+        train_x = np.stack([embeddings[i] for i in train["image_id"].to_pylist()])
+        test_x = np.stack([embeddings[i] for i in test["image_id"].to_pylist()])
+        train_y = np.array(train["instance_id"].to_pylist())
+        test_y = np.array(test["instance_id"].to_pylist())
+        for instance in instances:
+            if "classification" in tasks:
+                result = evaluate_classification(train_x, train_y, test_x, test_y, instance)
+                metrics[instance]["classification/pr_auc"] = result["pr_auc"]
+                curves[instance] = compute_pr_curve(train_x, train_y, test_x, test_y, instance)
+            if "retrieval" in tasks:
+                for name, value in evaluate_retrieval(train_x, train_y, test_x, test_y, instance).items():
+                    metrics[instance][f"retrieval/{name}"] = value
+    predictions: dict[str, list] = {i: [] for i in instances}
+    dense_tasks = [t for t in tasks if t in DENSE_TASKS]
+    if dense_tasks:
+        train = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
+        train = train.filter(pc.is_in(train["instance_id"], pa.array(instances)))
+        per_image = {row["image_id"]: row for row in _features(train, cfg, adapter, "templates")}
+        templates = {}
+        for instance in instances:
+            ids = _rows_of(train, instance)["image_id"].to_pylist()  # checked non-empty in run()
+            # Reference from the instance's first train image (ingest order); box means from all of them.
+            box_means = np.stack([per_image[i]["box_mean"] for i in ids])
+            templates[instance] = (np.asarray(per_image[ids[0]]["reference"]).tolist(), box_means.tolist())
+        found = _features(
+            tables["dense"],
+            cfg,
+            adapter,
+            "predict",
+            templates=templates,
+            min_object_pixels=cfg.evaluate.min_object_pixels,
+        )
+        for row in found:
+            predictions[row["instance_id"]].append(
+                DensePrediction(
+                    image_id=row["image_id"],
+                    mask=schema.decode_mask(row["mask"]),
+                    box=tuple(float(v) for v in row["box"]),
+                    score=float(row["score"]),
+                )
+            )
+        dense = tables["dense"]
+        images = dict(
+            zip(
+                dense["image_id"].to_pylist(),
+                zip(dense["height"].to_pylist(), dense["width"].to_pylist(), strict=True),
+                strict=True,
+            )
+        )
+        for instance in instances:
+            own = _rows_of(dense, instance).filter(pc.is_valid(_rows_of(dense, instance)["mask"]))
+            gt = {
+                i: schema.decode_mask(m)
+                for i, m in zip(own["image_id"].to_pylist(), own["mask"].to_pylist(), strict=True)
+            }
+            # NaN when the instance has no annotated dense image (documented in evaluation/coco.py).
+            metrics[instance].update(evaluate_coco(images, gt, predictions[instance], tasks=dense_tasks))
+    return metrics, curves, predictions
+
+
+def _save_examples(out: Path, model: str, predictions: dict[str, list], dense: pa.Table) -> list[dict]:
+    """The highest-scoring prediction on each instance's own image (up to EXAMPLES_PER_MODEL) as PNG files."""
+    owner = dict(zip(dense["image_id"].to_pylist(), dense["instance_id"].to_pylist(), strict=True))
+    image_of = dict(zip(dense["image_id"].to_pylist(), dense["image"].to_pylist(), strict=True))
+    examples = []
+    for instance in sorted(predictions)[:EXAMPLES_PER_MODEL]:
+        own = [p for p in predictions[instance] if owner.get(p.image_id) == instance]
+        if not own:
+            continue
+        best = max(own, key=lambda p: p.score)
+        stem = f"{model}_{instance}_{best.image_id}"
+        (out / "examples").mkdir(exist_ok=True)
+        (out / "examples" / f"{stem}_image.png").write_bytes(image_of[best.image_id])
+        (out / "examples" / f"{stem}_mask.png").write_bytes(schema.encode_mask(best.mask))
+        examples.append(
+            {
+                "caption": f"{model} / {instance} (score {best.score:.3f})",
+                "image": f"examples/{stem}_image.png",
+                "mask": f"examples/{stem}_mask.png",
+            }
+        )
+    return examples
+
+
+def build(
+    cfg: ExperimentConfig, out: Path, instances: list[str], adapters: dict[str, Path], tables: dict[str, pa.Table]
+) -> int:
+    per_instance: dict[str, dict] = {i: {} for i in instances}
+    pr_curves: dict[str, dict] = {"pretrained": {}, "personalized": {}}
+    saved: dict[str, dict] = {"pretrained": {}, "personalized": {}}
+    examples: list[dict] = []
+    log.info("evaluate: pretrained %s on %d instances", cfg.model.backbone, len(instances))
+    metrics, curves, predictions = evaluate_encoder(cfg, tables, "", instances)
+    for instance in instances:
+        per_instance[instance]["pretrained"] = metrics[instance]
+    pr_curves["pretrained"], saved["pretrained"] = curves, predictions
+    examples += _save_examples(out, "pretrained", predictions, tables["dense"])
+    personalized_predictions = {}
+    for index, instance in enumerate(instances, 1):
+        log.info("evaluate: [%d/%d] personalized encoder of %s", index, len(instances), instance)
+        metrics, curves, predictions = evaluate_encoder(cfg, tables, str(adapters[instance]), [instance])
+        per_instance[instance]["personalized"] = metrics[instance]
+        pr_curves["personalized"].update(curves)
+        personalized_predictions.update(predictions)
+        log.info("evaluate: %s %s", instance, {k: round(v, 4) for k, v in metrics[instance].items()})
+    saved["personalized"] = personalized_predictions
+    examples += _save_examples(out, "personalized", personalized_predictions, tables["dense"])
+
+    summary = {
+        model: {
+            key: _mean([per_instance[i][model][key] for i in instances]) for key in per_instance[instances[0]][model]
+        }
+        for model in ("pretrained", "personalized")
+    }
+    summary["per_instance"] = per_instance
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "pr_curves.json").write_text(
+        json.dumps(
+            {
+                model: {i: {"precision": p.tolist(), "recall": r.tolist()} for i, (p, r) in curves.items()}
+                for model, curves in pr_curves.items()
+            }
+        )
+    )
+    (out / "predictions.json").write_text(
+        json.dumps(
+            {
+                model: {
+                    i: [{"image_id": p.image_id, "box": list(p.box), "score": p.score} for p in found]
+                    for i, found in by_instance.items()
+                }
+                for model, by_instance in saved.items()
+            },
+            indent=1,
+        )
+    )
+    (out / "mask_examples.json").write_text(json.dumps(examples, indent=2))
+    return len(instances)
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    ingest = stage_dir(cfg, "ingest")
+    images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
+    if not images_path.exists() or not instances_path.exists():
+        raise FileNotFoundError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
+    instances_info = json.loads(instances_path.read_text())
+    instances = select_instances(cfg, instances_info)
+    adapters = {i: stage_dir(cfg, "train", i) for i in instances}
+    missing = [
+        i for i, path in adapters.items() if read_manifest(path) is None and not (path / "adapter_config.json").exists()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"no personalized encoder for {missing} under {stage_dir(cfg, 'train')}; run `personalize train` first"
+        )
+    tables = _load_tables(images_path, instances_info)
+    have_test = set(tables["test"]["instance_id"].to_pylist())
+    lacking = [i for i in instances if i not in have_test]
+    if lacking:
+        raise ValueError(
+            f"{images_path}: instances {lacking} have no real_test image to evaluate on; give them test "
+            "photos (test/<instance>/) and re-run `personalize ingest`, or leave them out of data.instances"
+        )
+    if any(t in DENSE_TASKS for t in cfg.evaluate.tasks):
+        masked = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
+        unmasked = sorted(set(instances) - set(masked["instance_id"].to_pylist()))
+        if unmasked:
+            raise ValueError(
+                f"{images_path}: instances {unmasked} have no masked train image, and detection/segmentation take "
+                "the reference from the object's mask; add train_masks/<instance>/ and re-run `personalize ingest`, "
+                "or drop detection and segmentation from evaluate.tasks"
+            )
+    config = {"model": to_dict(cfg.model), "evaluate": to_dict(cfg.evaluate), "instances": instances}
+    inputs = {"ingest": ingest, **{f"train/{i}": path for i, path in adapters.items()}}
+    with ray_session(cfg):
+        return commit_stage(
+            stage_dir(cfg, STAGE),
+            STAGE,
+            config,
+            lambda tmp: build(cfg, tmp, instances, adapters, tables),
+            inputs=inputs,
+            resolved_config=resolved(cfg),
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)

@@ -1,0 +1,188 @@
+"""`personalize evaluate` end to end on local Ray: a tiny random DINOv2 from the zoo, LoRA adapters, synthetic photos.
+
+The ingest output (images.parquet + instances.json) and the train outputs (peft adapters) are written here the way
+their stages commit them. Asserts on what the stage wrote: metric keys and ranges, PR curves, mask examples.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from personalization import schema
+from personalization.artifacts import commit_stage, read_manifest
+from personalization.config import build_config, to_dict
+from personalization.evaluation.dense import compute_instance_templates
+from personalization.evaluation.extract import FeatureExtractor
+from personalization.models import apply_lora, build_encoder, save_adapter
+from personalization.zoo import build_zoo
+from pipelines import evaluate
+
+SIZE = 56
+# instance -> (category, split, object colour)
+INSTANCES = {
+    "mug_a": ("mug", "test", (220, 40, 40)),
+    "mug_b": ("mug", "test", (40, 200, 60)),
+    "mug_v": ("mug", "val", (40, 60, 220)),  # val: not evaluated, not in the test set
+}
+METRIC_KEYS = {
+    "classification/pr_auc",
+    "retrieval/ndcg",
+    "retrieval/mrr",
+    "retrieval/top10",
+    "detection/ap",
+    "detection/ap50",
+    "segmentation/ap",
+    "segmentation/ap50",
+}
+
+
+def photo(seed, colour):
+    """A noisy grey background with one coloured rectangle (the object) at a random place; returns image, mask."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(60, 120, size=(SIZE, SIZE, 3)).astype(np.uint8)
+    h, w = rng.integers(18, 30, size=2)
+    top, left = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[top : top + h, left : left + w] = True
+    pixels[mask] = colour
+    return Image.fromarray(pixels), mask
+
+
+def write_ingest(out_dir, masked=True):
+    def build(tmp):
+        rows = []
+        for n, (instance_id, (category, split, colour)) in enumerate(INSTANCES.items()):
+            plan = (
+                [("real_train", "train")] * 3
+                + [("real_test", "in_distribution")] * 3
+                + [("real_test", "test_dense")] * 2
+            )
+            for i, (role, image_split) in enumerate(plan):
+                image, mask = photo(100 * n + i, colour)
+                rows.append(
+                    schema.make_row(
+                        image_id=schema.make_image_id("real", instance_id, i),
+                        instance_id=instance_id,
+                        category=category,
+                        role=role,
+                        source="real",
+                        split=image_split,
+                        instance_split=split,
+                        image=image,
+                        mask=mask if masked else None,
+                    )
+                )
+        (tmp / "instances.json").write_text(
+            json.dumps({k: {"category": c, "split": s} for k, (c, s, _) in INSTANCES.items()})
+        )
+        return schema.write_image_table(rows, tmp / "images.parquet")
+
+    commit_stage(out_dir / "ingest", "ingest", {"test": 1}, build)
+
+
+def write_adapters(cfg, out_dir, instances):
+    """OUT/train/<instance>/ holding a LoRA adapter with small random (non-identity) weights."""
+    for seed, instance in enumerate(instances):
+
+        def build(tmp, seed=seed):
+            torch.manual_seed(seed)
+            encoder = apply_lora(build_encoder(cfg.model), cfg.model)
+            with torch.no_grad():
+                for name, parameter in encoder.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(std=0.05)
+            save_adapter(encoder, tmp)
+            (tmp / "metrics.json").write_text(json.dumps({"loss": [1.0, 0.5]}))
+            return None
+
+        commit_stage(out_dir / "train" / instance, "train", {"seed": seed}, build)
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["dinov2"])["dinov2"]
+
+
+def make_cfg(out, weights, **evaluate_overrides):
+    evaluate_cfg = {"batch_size": 4, "num_actors": 1, "dense_image_size": 56, "min_object_pixels": 20}
+    return build_config(
+        {
+            "output_dir": str(out),
+            "model": {"backbone": "dinov2_vitb14", "weights": str(weights), "image_size": 28},
+            "evaluate": evaluate_cfg | evaluate_overrides,
+        }
+    )
+
+
+def test_extractor_without_ray_matches_the_library(dinov2):
+    cfg = make_cfg("unused", dinov2)
+    extractor = FeatureExtractor(to_dict(cfg.model), dense_size=60)  # rounded down to the patch size: 56
+    photos = [photo(seed, (200, 30, 30)) for seed in range(3)]
+    images = [schema.encode_png(image) for image, _ in photos]
+    masks = [mask for _, mask in photos]
+    embeddings = extractor.embed(images)
+    assert embeddings.shape[0] == 3
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    grids = extractor.dense(images)
+    assert grids.shape[:3] == (3, 4, 4)
+    references, box_means = extractor.templates(images, [schema.encode_mask(m) for m in masks])
+    reference, expected_means = compute_instance_templates(list(grids), masks)
+    np.testing.assert_allclose(references[0], reference, atol=1e-5)
+    np.testing.assert_allclose(box_means, expected_means, atol=1e-5)
+    predicted = extractor.predict(images, ["a", "b", "c"], [(SIZE, SIZE)] * 3, {"x": (reference, box_means)}, 20)
+    assert set(predicted["instance_id"]) <= {"x"} and predicted["box"].shape == (len(predicted["image_id"]), 4)
+
+
+def test_missing_masks_fail_before_any_ray_work(tmp_path, dinov2):
+    cfg = make_cfg(tmp_path / "out", dinov2)
+    write_ingest(tmp_path / "out", masked=False)
+    write_adapters(cfg, tmp_path / "out", ["mug_a", "mug_b"])
+    with pytest.raises(ValueError, match="no masked train image"):
+        evaluate.run(cfg)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_writes_metrics_curves_and_masks(tmp_path, dinov2, ray_local):
+    cfg = make_cfg(tmp_path / "out", dinov2)
+    out = tmp_path / "out"
+    write_ingest(out)
+    with pytest.raises(FileNotFoundError, match="personalize train"):
+        evaluate.run(cfg)
+    write_adapters(cfg, out, ["mug_a", "mug_b"])
+
+    folder = evaluate.run(cfg)
+    assert folder == out / "evaluate" and read_manifest(folder)["stage"] == "evaluate"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert set(metrics["per_instance"]) == {"mug_a", "mug_b"}  # the val instance is not evaluated
+    for model in ("pretrained", "personalized"):
+        assert set(metrics[model]) == METRIC_KEYS
+        for instance in ("mug_a", "mug_b"):
+            values = metrics["per_instance"][instance][model]
+            assert set(values) == METRIC_KEYS
+            for key, value in values.items():
+                assert math.isnan(value) or 0.0 <= value <= 1.0, (key, value)
+            # Chance level for 3 positives among 6 test images is 0.5; AP is at least 1/6 in any ranking.
+            assert values["classification/pr_auc"] >= 1 / 6
+            assert values["retrieval/mrr"] >= 1 / 6
+        mean = np.mean([metrics["per_instance"][i][model]["retrieval/ndcg"] for i in ("mug_a", "mug_b")])
+        assert metrics[model]["retrieval/ndcg"] == pytest.approx(mean)
+
+    curves = json.loads((folder / "pr_curves.json").read_text())
+    assert set(curves["pretrained"]) == {"mug_a", "mug_b"} and set(curves["personalized"]) == {"mug_a", "mug_b"}
+    examples = json.loads((folder / "mask_examples.json").read_text())
+    for example in examples:
+        assert schema.decode_mask((folder / example["mask"]).read_bytes()).shape == (SIZE, SIZE)
+        assert schema.decode_image((folder / example["image"]).read_bytes()).size == (SIZE, SIZE)
+
+    # The personalized encoder really is the adapter: its dense confidences differ from the pretrained ones.
+    predictions = json.loads((folder / "predictions.json").read_text())
+    scores = {model: [p["score"] for p in predictions[model]["mug_a"]] for model in ("pretrained", "personalized")}
+    assert scores["pretrained"] and scores["pretrained"] != scores["personalized"]
+
+    # A second run with nothing changed is skipped (same manifest).
+    created = read_manifest(folder)["created"]
+    assert evaluate.run(cfg) == folder and read_manifest(folder)["created"] == created
