@@ -36,6 +36,7 @@ from personalization.evaluation.coco import evaluate_coco
 from personalization.evaluation.dense import DensePrediction
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.retrieval import evaluate_retrieval
+from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 
 STAGE = "evaluate"
@@ -68,22 +69,6 @@ class EmbedActor:
             return {"image_id": batch["image_id"], "reference": references, "box_mean": box_means}
         hw = list(zip(batch["height"], batch["width"], strict=True))
         return self.extractor.predict(images, list(batch["image_id"]), hw, self.templates, self.min_object_pixels)
-
-
-def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[str]:
-    """``data.instances``, else every test/user instance (sorted), capped at ``data.max_instances``."""
-    if cfg.data.instances:
-        unknown = [i for i in cfg.data.instances if i not in instances]
-        if unknown:
-            raise ValueError(f"data.instances: {unknown} are not in OUT/ingest/instances.json")
-        chosen = sorted(set(cfg.data.instances))
-    else:
-        chosen = sorted(i for i, info in instances.items() if info["split"] in ("test", "user"))
-    if cfg.data.max_instances:
-        chosen = chosen[: cfg.data.max_instances]
-    if not chosen:
-        raise ValueError("no instance to evaluate: OUT/ingest/instances.json has no test instance; set data.instances")
-    return chosen
 
 
 def _features(table: pa.Table, cfg: ExperimentConfig, adapter: str, mode: str, **kwargs) -> list[dict]:
@@ -292,7 +277,7 @@ def run(cfg: ExperimentConfig) -> Path:
     if not images_path.exists() or not instances_path.exists():
         raise FileNotFoundError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
     instances_info = json.loads(instances_path.read_text())
-    instances = select_instances(cfg, instances_info)
+    instances = common.select_instances(cfg, instances_info)
     adapters = {i: stage_dir(cfg, "train", i) for i in instances}
     missing = [
         i for i, path in adapters.items() if read_manifest(path) is None and not (path / "adapter_config.json").exists()
