@@ -1,0 +1,328 @@
+"""`personalize train`: contrastive LoRA fine-tuning of the encoder, one Ray Train run per instance.
+
+For each selected instance the driver picks the training images and samples the triplets (failing early on
+empty pools), writes them beside the run, and fits a ``TorchTrainer`` whose workers run
+:func:`train_loop_per_worker`: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU) or a DeepSpeed
+ZeRO-1/2 engine. The committed ``OUT/train/<instance>/`` holds the peft adapter, ``metrics.json`` and the
+resolved config.
+
+Resume: every checkpoint holds the trainable weights, the optimizer state, the step and the loss history.
+A worker restarted by ``FailureConfig`` gets it back from ``ray.train.get_checkpoint()``. Across driver
+restarts Ray Train V2 restores a run from ``storage_path/name``, so the run name is the instance plus a hash
+of everything that shapes the run except its length (``train.epochs``, ``checkpoint_every``,
+``max_failures``): re-running after a crash, or with more epochs, continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from personalization.artifacts import commit_stage, hash_config, input_hash
+from personalization.config import ExperimentConfig, build_config, to_dict
+from personalization.contrastive import (
+    DeepSpeedStepper,
+    TorchStepper,
+    TripletDataset,
+    build_loss,
+    sample_triplets,
+    select_training_rows,
+    train_step,
+)
+from personalization.schema import IMAGE_SCHEMA, read_image_table
+from pipelines.common import ray_session, resolved, stage_dir, stage_main
+
+log = logging.getLogger("personalize.train")
+STAGE = "train"
+# Settings that only change how long a run goes or how it survives failures: a change keeps the run (and resumes).
+_LENGTH_KEYS = ("epochs", "checkpoint_every", "max_failures", "use_gpu")
+
+
+@dataclass
+class TrainableModel:
+    """What a worker trains: ``model(pixels) -> (B, D)`` unit features, the image transform, and how to save."""
+
+    model: torch.nn.Module
+    transform: Callable
+    save: Callable[[torch.nn.Module, Path], None]
+
+
+def build_lora_encoder(cfg: ExperimentConfig) -> TrainableModel:
+    """The default model: the configured backbone with LoRA, saved as a peft adapter."""
+    from personalization.models import apply_lora, build_encoder, build_transform, save_adapter
+
+    encoder = apply_lora(build_encoder(cfg.model), cfg.model)
+    return TrainableModel(encoder, build_transform(cfg.model, train=cfg.train.augment), save_adapter)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def select_instances(cfg: ExperimentConfig, instances: dict) -> list[str]:
+    chosen = list(cfg.data.instances) or sorted(k for k, v in instances.items() if v["split"] == "test")
+    unknown = [k for k in chosen if k not in instances]
+    if unknown:
+        raise ValueError(f"data.instances: {unknown} are not in {stage_dir(cfg, 'ingest', 'instances.json')}")
+    chosen = sorted(chosen)
+    return chosen[: cfg.data.max_instances] if cfg.data.max_instances else chosen
+
+
+def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
+    """The upstream folders this config reads (only those it needs and that exist)."""
+    inputs = {"ingest": stage_dir(cfg, "ingest")}
+    sources = set(cfg.train.positive_sources)
+    if "cutpaste" in sources or cfg.train.negatives == "val":
+        inputs["cutpaste"] = stage_dir(cfg, "cutpaste")
+    if sources & {"dreambooth", "masked_dreambooth"} or cfg.train.negatives == "generated":
+        inputs["generate"] = stage_dir(cfg, "generate")
+    if cfg.train.negatives == "folder":
+        inputs["negatives"] = Path(cfg.train.negatives_dir)
+    required = {"ingest"} | ({"cutpaste"} & sources) | ({"generate"} if "generate" in inputs else set())
+    missing = [name for name in required if not inputs[name].exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"train needs {[str(inputs[m]) for m in missing]}: run `personalize {missing[0]}` first"
+        )
+    return {name: path for name, path in inputs.items() if path.exists()}
+
+
+def _synthetic_table(cfg: ExperimentConfig, inputs: dict[str, Path]) -> pa.Table:
+    """Cut-and-paste and generated rows in one table (empty when neither stage ran)."""
+    tables = []
+    if "cutpaste" in inputs:
+        tables.append(read_image_table(inputs["cutpaste"]))
+    if "generate" in inputs:
+        # The filter threshold applies on read, so sweeping it never regenerates anything.
+        tables.append(
+            read_image_table(inputs["generate"], min_score=cfg.filter.threshold if cfg.filter.enabled else None)
+        )
+    return pa.concat_tables(tables) if tables else IMAGE_SCHEMA.empty_table()
+
+
+def run_name(cfg: ExperimentConfig, instance_id: str, inputs: dict[str, Path]) -> str:
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _LENGTH_KEYS}
+    key = hash_config({"model": cfg.model, "train": train, "seed": cfg.seed, "inputs": sorted(inputs.items())})
+    key = hash_config([key, {name: input_hash(path) for name, path in inputs.items()}])
+    return f"{instance_id}-{key[:12]}"
+
+
+def run(cfg: ExperimentConfig, build_model: Callable[[ExperimentConfig], TrainableModel] | None = None) -> Path:
+    """Train every selected instance; returns ``OUT/train``. ``build_model`` defaults to :func:`build_lora_encoder`."""
+    instances_path = stage_dir(cfg, "ingest", "instances.json")
+    if not instances_path.is_file():
+        raise FileNotFoundError(f"{instances_path} is missing: run `personalize ingest` first")
+    instances = json.loads(instances_path.read_text())
+    inputs = stage_inputs(cfg)
+    images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
+    synthetic = _synthetic_table(cfg, inputs)
+    config = {"model": cfg.model, "train": cfg.train, "seed": cfg.seed, "filter": cfg.filter.threshold}
+    for instance_id in select_instances(cfg, instances):
+        # Sample before committing so an empty pool fails before any Ray work starts.
+        rows = select_training_rows(images, synthetic, instance_id, cfg.train, instances)
+        triplets = sample_triplets(
+            rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
+            num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
+            num_pairs=cfg.train.num_pairs, seed=cfg.seed, instance_id=instance_id,
+        )  # fmt: skip
+        commit_stage(
+            stage_dir(cfg, STAGE, instance_id),
+            STAGE,
+            {**config, "instance": instance_id},
+            lambda tmp, i=instance_id, r=rows, t=triplets: fit_instance(cfg, i, r.table, t, inputs, tmp, build_model),
+            inputs=inputs,
+            resolved_config=resolved(cfg),
+        )
+    return stage_dir(cfg, STAGE)
+
+
+def fit_instance(cfg, instance_id, table, triplets, inputs, out_dir: Path, build_model=None) -> int:
+    """Fit one instance with Ray Train and write the adapter and ``metrics.json`` into ``out_dir``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = (stage_dir(cfg, STAGE, ".ray", instance_id)).absolute()
+    name = run_name(cfg, instance_id, inputs)
+    data_dir = storage / f"{name}.inputs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    used = {image_id for triplet in triplets for image_id in triplet}
+    pq.write_table(table.filter(_isin(table, used)), data_dir / "rows.parquet")
+    (data_dir / "triplets.json").write_text(json.dumps(triplets))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "data_dir": str(data_dir), "build_model": build_model},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"train {instance_id}: the run reported no checkpoint (see {storage / name})")
+    with result.checkpoint.as_directory() as checkpoint:
+        checkpoint = Path(checkpoint)
+        state = json.loads((checkpoint / "state.json").read_text())
+        for file in (checkpoint / "adapter").iterdir():
+            shutil.copy2(file, out_dir / file.name)
+    metrics = {key: state[key] for key in ("loss", "steps", "samples_per_s", "start_step", "replica_hashes")}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("train %s: %d steps, final loss %.4f", instance_id, state["steps"], state["loss"][-1])
+    return len(triplets)
+
+
+def _isin(table: pa.Table, ids: set[str]) -> pa.Array:
+    return pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side (runs inside Ray Train workers)
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _epoch_indices(dataset_len: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
+    sampler = torch.utils.data.DistributedSampler(
+        range(dataset_len), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = build_config({k: loop_config["config"][k] for k in ("seed", "model", "train")})
+    data_dir = Path(loop_config["data_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
+
+    trainable = (loop_config.get("build_model") or build_lora_encoder)(cfg)
+    model = trainable.model.to(device)
+    dataset = TripletDataset(
+        pq.read_table(data_dir / "rows.parquet"),
+        [tuple(t) for t in json.loads((data_dir / "triplets.json").read_text())],
+        trainable.transform,
+        max_side=2 * cfg.model.image_size,
+    )
+    per_worker = max(1, cfg.train.batch_size // world)
+    steps_per_epoch = (len(dataset) // world) // per_worker
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.num_triplets={len(dataset)} is below one batch ({per_worker} x {world} workers)")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    every = cfg.train.checkpoint_every or steps_per_epoch
+
+    state = {"step": 0, "loss": []}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        restored_dir = Path(restored.to_directory())
+        state = json.loads((restored_dir / "state.json").read_text())
+        model.load_state_dict(torch.load(restored_dir / "trainable.pt", weights_only=True), strict=False)
+    start_step = state["step"]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        params,
+        lr=cfg.train.learning_rate,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        weight_decay=cfg.train.weight_decay,
+    )
+    if cfg.train.strategy == "deepspeed":
+        import deepspeed
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": per_worker,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": cfg.train.zero_stage},
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if restored is not None:
+            engine.load_checkpoint(str(restored_dir / "deepspeed"), load_module_strict=False)
+        forward, stepper, unwrapped = engine, DeepSpeedStepper(engine), engine.module
+    else:
+        forward = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU) when world > 1
+        if restored is not None:
+            optimizer.load_state_dict(torch.load(restored_dir / "optimizer.pt", weights_only=True))
+        stepper, unwrapped = TorchStepper(optimizer), model
+    loss_fn = build_loss(cfg.train, gather=world > 1)  # every rank's loss sees the global batch
+    model.train()
+
+    def save_and_report(metrics: dict, final: bool) -> None:
+        hashes = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(hashes, _weights_hash(unwrapped))
+        else:
+            hashes = [_weights_hash(unwrapped)]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            if cfg.train.strategy == "deepspeed":  # a collective: every rank writes its optimizer shard
+                engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            if rank == 0:
+                elapsed = max(time.time() - started, 1e-9)
+                done = {**state, "start_step": start_step, "replica_hashes": hashes, "steps": state["step"]}
+                done["samples_per_s"] = (state["step"] - start_step) * per_worker * world / elapsed
+                (tmp / "state.json").write_text(json.dumps(done))
+                torch.save(_trainable_state(unwrapped), tmp / "trainable.pt")
+                if cfg.train.strategy != "deepspeed":
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                if final:
+                    trainable.save(unwrapped, tmp / "adapter")
+            # Ranks with nothing to save report metrics only; Ray merges the ranks' files into one checkpoint.
+            checkpoint = ray.train.Checkpoint.from_directory(str(tmp)) if any(tmp.iterdir()) else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    started = time.time()
+    for epoch in range(start_step // steps_per_epoch, cfg.train.epochs):
+        indices = _epoch_indices(len(dataset), rank, world, cfg.seed, epoch)
+        skip = (state["step"] - epoch * steps_per_epoch) * per_worker  # resume mid-epoch without decoding skips
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, indices[skip:]), batch_size=per_worker, shuffle=False, drop_last=True
+        )
+        for batch in loader:
+            metrics = train_step(forward, [x.to(device) for x in batch], loss_fn, stepper)
+            state["step"] += 1
+            state["loss"].append(metrics["train/loss"])
+            if state["step"] % every == 0 and state["step"] < total_steps:
+                save_and_report({**metrics, "step": state["step"], "epoch": epoch}, final=False)
+    save_and_report({"train/loss": state["loss"][-1] if state["loss"] else float("nan"), "step": state["step"]}, True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run_in_ray(cfg: ExperimentConfig) -> Path:
+        with ray_session(cfg):
+            return run(cfg)
+
+    return stage_main(STAGE, run_in_ray, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
