@@ -42,6 +42,7 @@ from personalization.contrastive import (
     train_step,
 )
 from personalization.schema import IMAGE_SCHEMA, read_image_table
+from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 
 log = logging.getLogger("personalize.train")
@@ -69,15 +70,6 @@ def build_lora_encoder(cfg: ExperimentConfig) -> TrainableModel:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver side
-
-
-def select_instances(cfg: ExperimentConfig, instances: dict) -> list[str]:
-    chosen = list(cfg.data.instances) or sorted(k for k, v in instances.items() if v["split"] == "test")
-    unknown = [k for k in chosen if k not in instances]
-    if unknown:
-        raise ValueError(f"data.instances: {unknown} are not in {stage_dir(cfg, 'ingest', 'instances.json')}")
-    chosen = sorted(chosen)
-    return chosen[: cfg.data.max_instances] if cfg.data.max_instances else chosen
 
 
 def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
@@ -129,7 +121,7 @@ def run(cfg: ExperimentConfig, build_model: Callable[[ExperimentConfig], Trainab
     images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
     synthetic = _synthetic_table(cfg, inputs)
     config = {"model": cfg.model, "train": cfg.train, "seed": cfg.seed, "filter": cfg.filter.threshold}
-    for instance_id in select_instances(cfg, instances):
+    for instance_id in common.select_instances(cfg, instances):
         # Sample before committing so an empty pool fails before any Ray work starts.
         rows = select_training_rows(images, synthetic, instance_id, cfg.train, instances)
         triplets = sample_triplets(
