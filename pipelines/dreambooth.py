@@ -1,0 +1,265 @@
+"""`personalize dreambooth`: personalize Stable Diffusion for each selected instance on Ray Train.
+
+Reads OUT/ingest (instances.json, images.parquet). Commits:
+- OUT/dreambooth/class_images/<category>/: prior-preservation images of ``a photo of {category}`` from the
+  pretrained generator, made once per category and shared by its instances (own manifest);
+- OUT/dreambooth/<instance_id>/: a diffusers folder (mode=full) or ``pytorch_lora_weights.safetensors``
+  (mode=lora), plus ``metrics.json`` (loss per step), each with its own manifest.
+One TorchTrainer runs every instance still to do, one worker (one GPU) per instance: worker k trains instance k
+with the library's ``train_dreambooth`` and copies its folder into OUT/dreambooth/.work/ (like Ray Train's own
+storage_path, OUT must be on storage every node sees); the driver then commits each instance folder atomically.
+The photos travel in the train config (a few PNGs) and the class images as an object ref.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from personalization import schema
+from personalization.artifacts import commit_stage, is_current
+from personalization.config import ExperimentConfig, to_dict
+from personalization.synthesis.dreambooth import DreamboothError, check_generator_dir
+from pipelines import common
+from pipelines.common import ray_session, resolved, stage_dir, stage_main
+
+STAGE = "dreambooth"
+log = logging.getLogger(f"personalize.{STAGE}")
+
+
+def _gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def load_real_photos(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, list[dict]]:
+    """{instance_id: [{"image": png, "mask": png | None}]}; fails when masked DreamBooth meets a mask-less photo."""
+    path = stage_dir(cfg, "ingest", "images.parquet")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
+    table = schema.read_image_table(
+        path, role="real_train", instance_id=list(instance_ids), columns=["instance_id", "image", "mask", "image_id"]
+    )
+    photos: dict[str, list[dict]] = {i: [] for i in instance_ids}
+    for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
+        photos[row["instance_id"]].append({"image": row["image"], "mask": row["mask"]})
+    for instance_id, rows in photos.items():
+        if not rows:
+            raise DreamboothError(f"{path}: instance {instance_id!r} has no real_train photos")
+        if cfg.dreambooth.masked and any(r["mask"] is None for r in rows):
+            raise DreamboothError(
+                f"{path}: instance {instance_id!r} has train photos without masks, and dreambooth.masked=true needs "
+                "them; add train_masks/<instance>/<stem>.png and re-run ingest, or set dreambooth.masked=false"
+            )
+    return photos
+
+
+def _class_config(cfg: ExperimentConfig, category: str) -> dict:
+    db = cfg.dreambooth
+    return {
+        "base_model": db.base_model,
+        "category": category,
+        "n": db.class_images,
+        "resolution": db.resolution,
+        "steps": cfg.generate.steps,
+        "seed": cfg.seed,
+    }
+
+
+def _make_class_images(config: dict) -> list[bytes]:
+    from personalization.synthesis.dreambooth import generate_class_images
+
+    images = generate_class_images(
+        config["base_model"],
+        config["category"],
+        config["n"],
+        resolution=config["resolution"],
+        steps=config["steps"],
+        seed=config["seed"],
+    )
+    return [schema.encode_png(image) for image in images]
+
+
+def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
+    """OUT/dreambooth/class_images/<category>/class_images.parquet, made once (a Ray task, on a GPU if any)."""
+    import ray
+
+    config = _class_config(cfg, category)
+
+    def build(tmp_dir: Path) -> int:
+        task = ray.remote(num_gpus=1 if _gpus() else 0)(_make_class_images)
+        blobs = ray.get(task.remote(config))
+        rows = [
+            schema.make_row(
+                image_id=schema.make_image_id("class", *config.values(), k),
+                instance_id=f"{category}_class",
+                category=category,
+                role="negative",
+                source="pretrained",
+                image=blob,
+                prompt=f"a photo of {category}",
+                seed=config["seed"] + k,
+                generator=config["base_model"],
+            )
+            for k, blob in enumerate(blobs)
+        ]
+        return schema.write_image_table(rows, tmp_dir / "class_images.parquet")
+
+    out = stage_dir(cfg, STAGE, "class_images", category)
+    return commit_stage(out, f"{STAGE}/class_images", config, build, resolved_config=resolved(cfg))
+
+
+def _instance_config(cfg: ExperimentConfig, category: str) -> dict:
+    return {
+        "dreambooth": to_dict(cfg.dreambooth),
+        "category": category,
+        "seed": cfg.seed,
+        "class_images": _class_config(cfg, category) if _uses_prior(cfg) else None,
+    }
+
+
+def _uses_prior(cfg: ExperimentConfig) -> bool:
+    return cfg.dreambooth.prior_preservation and cfg.dreambooth.class_images > 0 and cfg.dreambooth.prior_weight > 0
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker: trains the instance at its world rank, reports its output folder in the checkpoint."""
+    import ray
+    import ray.train
+    import torch
+
+    from personalization.synthesis.dreambooth import train_dreambooth
+
+    job = config["jobs"][ray.train.get_context().get_world_rank()]
+    # The instances are independent (no gradient sync), and transformers' save_pretrained writes nothing on a
+    # rank other than 0 while a process group exists: leave the group Ray Train made.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    images = [schema.decode_image(p["image"]) for p in job["photos"]]
+    masks = [schema.decode_mask(p["mask"]) if p["mask"] is not None else None for p in job["photos"]]
+    class_images = [schema.decode_image(b) for b in ray.get(job["class_ref"])] if job["class_ref"] else []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / job["instance_id"]
+        result = train_dreambooth(
+            config["base_model"],
+            images,
+            job["category"],
+            out,
+            masks=masks,
+            masked=config["masked"],
+            class_images=class_images,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            seed=job["seed"],
+            **config["train_args"],
+        )
+        (out / "metrics.json").write_text(json.dumps({"dreambooth/loss": result["losses"]}))
+        # Into the run's shared work folder (the same storage Ray Train itself needs), complete or not at all.
+        final = Path(config["work_dir"]) / job["instance_id"]
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(out, partial)
+        partial.rename(final)
+    ray.train.report({"loss": result["losses"][-1]})
+
+
+def _train_args(cfg: ExperimentConfig) -> dict:
+    db = cfg.dreambooth
+    keys = (
+        "mode",
+        "steps",
+        "learning_rate",
+        "batch_size",
+        "resolution",
+        "train_text_encoder",
+        "lora_rank",
+        "gradient_checkpointing",
+        "mixed_precision",
+        "use_8bit_adam",
+        "prior_weight",
+    )
+    return {k: getattr(db, k) for k in keys}
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    instances_path = stage_dir(cfg, "ingest", "instances.json")
+    if not instances_path.is_file():
+        raise FileNotFoundError(f"{instances_path} does not exist; run `personalize ingest` first")
+    instances = json.loads(instances_path.read_text())
+    instance_ids = common.select_instances(cfg, instances)
+    check_generator_dir(cfg.dreambooth.base_model)
+    photos = load_real_photos(cfg, instance_ids)  # bad input fails here, before any worker starts
+    inputs = {"ingest": stage_dir(cfg, "ingest")}
+    outs = {i: stage_dir(cfg, STAGE, i) for i in instance_ids}
+    configs = {i: _instance_config(cfg, instances[i]["category"]) for i in instance_ids}
+    todo = [i for i in instance_ids if not is_current(outs[i], STAGE, configs[i], inputs)]
+    if not todo:
+        return stage_dir(cfg, STAGE)
+    with ray_session(cfg):
+        class_refs = {}
+        for category in sorted({instances[i]["category"] for i in todo}) if _uses_prior(cfg) else []:
+            table = schema.read_image_table(run_class_images(cfg, category), columns=["image"])
+            class_refs[category] = ray.put(table.column("image").to_pylist())
+        jobs = [
+            {
+                "instance_id": i,
+                "category": instances[i]["category"],
+                "photos": photos[i],
+                "seed": cfg.seed,
+                "class_ref": class_refs.get(instances[i]["category"]),
+            }
+            for i in todo
+        ]
+        storage = stage_dir(cfg, STAGE, ".ray").resolve()
+        work_dir = stage_dir(cfg, STAGE, ".work").resolve()
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "jobs": jobs,
+                "base_model": cfg.dreambooth.base_model,
+                "masked": cfg.dreambooth.masked,
+                "train_args": _train_args(cfg),
+                "work_dir": str(work_dir),
+            },
+            scaling_config=ScalingConfig(num_workers=len(todo), use_gpu=_gpus()),
+            run_config=RunConfig(name="dreambooth", storage_path=str(storage)),
+        )
+        log.info(
+            "dreambooth: training %s (%s, %d steps) on %d workers",
+            todo,
+            cfg.dreambooth.mode,
+            cfg.dreambooth.steps,
+            len(todo),
+        )
+        try:
+            trainer.fit()
+            for instance_id in todo:
+                source = work_dir / instance_id
+                if not source.is_dir():
+                    raise RuntimeError(f"dreambooth: the worker for {instance_id} wrote nothing to {work_dir}")
+                commit_stage(
+                    outs[instance_id],
+                    STAGE,
+                    configs[instance_id],
+                    lambda tmp, source=source: shutil.copytree(source, tmp, dirs_exist_ok=True) and None,
+                    inputs=inputs,
+                    resolved_config=resolved(cfg),
+                )
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(storage, ignore_errors=True)
+    return stage_dir(cfg, STAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)

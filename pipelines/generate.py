@@ -1,0 +1,313 @@
+"""`personalize generate`: positives from each instance's personalized generator, negatives from the pretrained one.
+
+Reads OUT/ingest (instances.json, images.parquet for the filter) and OUT/dreambooth/<instance>/ (diffusers or LoRA
+folders). Commits:
+- OUT/generate/positives/: image-table shards, role=positive, source=dreambooth|masked_dreambooth, scored by the
+  DreamSim filter when ``filter.enabled`` (the threshold is applied at read time);
+- OUT/generate/negatives/<category>/: role=negative, source=pretrained, instance_id ``<category>_negatives``,
+  made once per category and shared by all its instances (each with its own manifest).
+Ray Data: rows -> ImageSampler actor pool -> (Scorer actor pool) -> Parquet. With the filter on, each instance gets
+up to ``generate.max_attempts`` rows and the stream stops once every instance has ``positives_per_instance``
+accepted images; without it, exactly ``positives_per_instance`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from personalization import schema
+from personalization.artifacts import commit_stage, is_current
+from personalization.config import ExperimentConfig, to_dict
+from personalization.synthesis.prompts import build_prompts
+from personalization.synthesis.sampler import check_generator, make_generation_rows
+from pipelines import common
+from pipelines.common import ray_session, resolved, stage_dir, stage_main
+
+STAGE = "generate"
+log = logging.getLogger(f"personalize.{STAGE}")
+
+
+def negative_prompt(category: str) -> str:
+    return f"a photo of {category}"
+
+
+def _has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def scorer_gpus(cfg: ExperimentConfig, sampler_gpus: float) -> float:
+    """A quarter GPU per scorer when the samplers leave that much free, else the scorers run on CPU."""
+    import ray
+
+    free = ray.cluster_resources().get("GPU", 0) - cfg.generate.num_actors * sampler_gpus
+    if sampler_gpus and free < 0.25 * cfg.filter.num_actors:
+        log.warning("generate: no GPU left for the DreamSim scorers (set generate.gpus_per_actor=0.5 to share)")
+        return 0.0
+    return 0.25 if sampler_gpus else 0.0
+
+
+def _sampler_kwargs(cfg: ExperimentConfig) -> dict:
+    return {
+        "base_model": cfg.dreambooth.base_model,
+        "steps": cfg.generate.steps,
+        "image_size": cfg.generate.image_size,
+        "scheduler": cfg.generate.scheduler,
+    }
+
+
+def batch_to_table(batch: dict) -> pa.Table:
+    """A numpy batch from Ray -> an image-table (schema-typed) Arrow table.
+
+    Ray hands all-null columns back as float NaN; those become nulls again here.
+    """
+    n = len(batch["image_id"])
+    rows = []
+    for i in range(n):
+        row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+        row["mask"] = row["mask"] if isinstance(row.get("mask"), bytes) else None
+        score = row.get("score")
+        row["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
+        rows.append(row)
+    return schema.rows_to_table(rows)
+
+
+def run_generation(
+    cfg: ExperimentConfig,
+    rows: list[dict],
+    out_dir: Path,
+    *,
+    base_model: str,
+    scorer_kwargs: dict | None = None,
+    needed: dict[str, int] | None = None,
+) -> int:
+    """Rows -> images (-> scores) -> Parquet shards in ``out_dir``; returns the rows written.
+
+    ``needed`` (with a scorer): stop the stream once each instance has that many rows scoring >= the threshold.
+    """
+    import ray
+
+    from personalization.synthesis.sampler import ImageSampler
+
+    gen = cfg.generate
+    gpus = gen.gpus_per_actor if _has_gpus() else 0
+    # Both actor pools must fit beside the small tasks that feed and write them, or the stream stalls (2-CPU box).
+    actors = gen.num_actors + (cfg.filter.num_actors if scorer_kwargs is not None else 0)
+    cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / (actors + 1))
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / gen.batch_size)))
+    dataset = dataset.map_batches(
+        ImageSampler,
+        fn_constructor_kwargs={**_sampler_kwargs(cfg), "base_model": base_model},
+        compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+        num_gpus=gpus,
+        num_cpus=cpus,
+        batch_size=gen.batch_size,
+        batch_format="numpy",
+    )
+    if scorer_kwargs is not None:
+        from personalization.filtering.scorer import Scorer
+
+        dataset = dataset.map_batches(
+            Scorer,
+            fn_constructor_kwargs=scorer_kwargs,
+            batch_size=cfg.filter.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.filter.num_actors),
+            num_cpus=cpus,
+            num_gpus=scorer_gpus(cfg, gpus),
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if needed is None:
+        # Distributed write; all-null columns (mask, unscored score) land as Arrow nulls, cast on read.
+        dataset.write_parquet(str(out_dir), compression="zstd")
+        return schema.read_image_table(out_dir, columns=["image_id"]).num_rows
+    from personalization.filtering.scorer import take_until_accepted
+
+    batches = dataset.iter_batches(batch_size=gen.batch_size, batch_format="numpy")
+    written = 0
+    for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold)):
+        written += schema.write_image_table(batch_to_table(batch), out_dir / f"part-{index:05d}.parquet")
+    return written
+
+
+def _read_instances(cfg: ExperimentConfig) -> tuple[dict[str, dict], list[str]]:
+    path = stage_dir(cfg, "ingest", "instances.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
+    instances = json.loads(path.read_text())
+    return instances, common.select_instances(cfg, instances)
+
+
+def positive_source(cfg: ExperimentConfig) -> str:
+    return "masked_dreambooth" if cfg.dreambooth.masked else "dreambooth"
+
+
+def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, str]:
+    """Everything that can be wrong, checked before any actor starts; returns {instance_id: generator folder}."""
+    if cfg.generate.cfg < 1:
+        raise ValueError(f"generate.cfg={cfg.generate.cfg}: classifier-free guidance must be >= 1")
+    check_generator(cfg.dreambooth.base_model)
+    generators = {}
+    for instance_id in instance_ids:
+        folder = stage_dir(cfg, "dreambooth", instance_id)
+        if not folder.exists():
+            raise FileNotFoundError(
+                f"{folder}: no personalized generator for {instance_id}; run `personalize dreambooth`"
+            )
+        generators[instance_id] = check_generator(str(folder))
+    if cfg.filter.enabled and cfg.generate.positives_per_instance:
+        from personalization.filtering.embedders import check_dreamsim_cache
+        from personalization.filtering.scorer import check_real_table
+
+        check_dreamsim_cache(cfg.filter.cache_dir, cfg.filter.dreamsim_type)
+        check_real_table(stage_dir(cfg, "ingest", "images.parquet"), instance_ids)
+    return generators
+
+
+def scorer_kwargs(cfg: ExperimentConfig) -> dict:
+    return {
+        "real_table": str(stage_dir(cfg, "ingest", "images.parquet")),
+        "cache_dir": cfg.filter.cache_dir,
+        "dreamsim_type": cfg.filter.dreamsim_type,
+        "masker": cfg.filter.masker,
+        "sam_weights": cfg.filter.sam_weights,
+        "batch_size": cfg.filter.batch_size,
+    }
+
+
+def _sampling_config(cfg: ExperimentConfig) -> dict:
+    keys = ("cfg", "steps", "image_size", "scheduler")
+    return {k: getattr(cfg.generate, k) for k in keys} | {"base_model": cfg.dreambooth.base_model, "seed": cfg.seed}
+
+
+def run_negatives(cfg: ExperimentConfig, categories: Sequence[str]) -> list[Path]:
+    """OUT/generate/negatives/<category>/: ``negatives_per_category`` pretrained images per category.
+
+    Each category commits on its own (so instances of a category share one set, made once), but the categories
+    still to make are generated in one Ray Data stream so the actor pool loads the pipeline once.
+    """
+    n = cfg.generate.negatives_per_category
+    base = cfg.dreambooth.base_model
+    configs = {c: {"sampling": _sampling_config(cfg), "category": c, "n": n} for c in categories}
+    outs = {c: stage_dir(cfg, STAGE, "negatives", c) for c in categories}
+    todo = [c for c in categories if not is_current(outs[c], f"{STAGE}/negatives", configs[c])]
+    if not todo:
+        return list(outs.values())
+    scratch = stage_dir(cfg, STAGE, f".negatives-scratch-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        rows = [
+            row
+            for c in todo
+            for row in make_generation_rows(
+                f"{c}_negatives",
+                c,
+                [negative_prompt(c)],
+                n,
+                generator=base,
+                cfg=cfg.generate.cfg,
+                seed=cfg.seed,
+                role="negative",
+                source="pretrained",
+            )
+        ]
+        log.info("generate: %d negatives for %s from %s", len(rows), todo, base)
+        with ray_session(cfg):
+            run_generation(cfg, rows, scratch, base_model=base)
+        for c in todo:
+            table = schema.read_image_table(scratch, category=c)
+            commit_stage(
+                outs[c],
+                f"{STAGE}/negatives",
+                configs[c],
+                lambda tmp, table=table: schema.write_image_table(table, tmp / "negatives.parquet"),
+                resolved_config=resolved(cfg),
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return list(outs.values())
+
+
+def run_positives(
+    cfg: ExperimentConfig, instances: dict[str, dict], instance_ids: list[str], generators: dict[str, str]
+) -> Path:
+    gen = cfg.generate
+    categories = {i: instances[i]["category"] for i in instance_ids}
+    prompts = build_prompts(categories, gen.prompts_file, n=gen.num_prompts, seed=cfg.seed)
+    filtered = cfg.filter.enabled
+    per_instance = gen.max_attempts if filtered else gen.positives_per_instance
+    stage_config = {
+        "sampling": _sampling_config(cfg),
+        "generate": to_dict(gen),
+        "prompts": prompts,
+        "filter": to_dict(cfg.filter) if filtered else None,
+        "source": positive_source(cfg),
+    }
+    inputs = {f"dreambooth/{i}": Path(g) for i, g in generators.items()}
+    if filtered:
+        inputs["ingest"] = stage_dir(cfg, "ingest")
+
+    def rows_for(instance_id: str) -> list[dict]:
+        return make_generation_rows(
+            instance_id,
+            categories[instance_id],
+            prompts[instance_id],
+            per_instance,
+            generator=generators[instance_id],
+            cfg=gen.cfg,
+            seed=cfg.seed,
+            role="positive",
+            source=positive_source(cfg),
+            instance_split=instances[instance_id]["split"],
+        )
+
+    def build(tmp_dir: Path) -> int:
+        if gen.positives_per_instance == 0:
+            return schema.write_image_table([], tmp_dir / "empty.parquet")
+        # LoRA generators share one pipeline (adapters swap), so their rows interleave in one stream; a full
+        # generator is a whole pipeline, so each of those instances streams on its own.
+        lora = [i for i in instance_ids if Path(generators[i], "pytorch_lora_weights.safetensors").is_file()]
+        groups = [lora] if lora else []
+        groups += [[i] for i in instance_ids if i not in lora]
+        written = 0
+        with ray_session(cfg):
+            for part, group in enumerate(groups):
+                per = [rows_for(i) for i in group]
+                rows = [r for k in range(per_instance) for rs in per for r in rs[k : k + 1]]
+                needed = {i: gen.positives_per_instance for i in group} if filtered else None
+                log.info("generate: %d rows for %s (filter %s)", len(rows), group, "on" if filtered else "off")
+                written += run_generation(
+                    cfg,
+                    rows,
+                    tmp_dir / f"group-{part:04d}",
+                    base_model=cfg.dreambooth.base_model,
+                    scorer_kwargs=scorer_kwargs(cfg) if filtered else None,
+                    needed=needed,
+                )
+        return written
+
+    out = stage_dir(cfg, STAGE, "positives")
+    return commit_stage(out, f"{STAGE}/positives", stage_config, build, inputs=inputs, resolved_config=resolved(cfg))
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    instances, instance_ids = _read_instances(cfg)
+    generators = check_inputs(cfg, instance_ids)
+    with ray_session(cfg):  # one Ray for both parts (reused when already running)
+        if cfg.generate.negatives_per_category:
+            run_negatives(cfg, sorted({instances[i]["category"] for i in instance_ids}))
+        run_positives(cfg, instances, instance_ids, generators)
+    return stage_dir(cfg, STAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main(STAGE, run, argv)
