@@ -8,31 +8,33 @@ a bad config fails at once with the key and the fix in the message.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from personalization.config_layers import (
+    ConfigError,
+    build_dataclass,
+    check_fraction,
+    check_positive,
+    merge,
+    parse_override,
+    require,
+    to_dict,
+)
 
-class ConfigError(ValueError):
-    """A config key, type or value that cannot work; the message names the key and the fix."""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _fraction(value: float, key: str) -> None:
-    _require(0.0 <= value <= 1.0, key, f"must lie in [0, 1], got {value}")
-
-
-def _positive(value: float, key: str, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    _require(ok, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "build_config",
+    "load_config",
+    "parse_override",
+    "replace",
+    "save_config",
+    "to_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,11 @@ class DataConfig:
     max_side: int = 1024  # photos (and masks) larger than this are downscaled on ingest; 0 = keep full size
 
     def validate(self) -> None:
-        _positive(self.max_instances, "data.max_instances", allow_zero=True)
-        _positive(self.max_test_images, "data.max_test_images", allow_zero=True)
-        _positive(self.max_side, "data.max_side", allow_zero=True)
+        check_positive(self.max_instances, "data.max_instances", allow_zero=True)
+        check_positive(self.max_test_images, "data.max_test_images", allow_zero=True)
+        check_positive(self.max_side, "data.max_side", allow_zero=True)
         if self.root:
-            _require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
+            require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,11 @@ class ModelConfig:
     train_blocks: int = 0  # CNN backbones: also train the last N blocks in full (0 = LoRA only)
 
     def validate(self) -> None:
-        _positive(self.image_size, "model.image_size")
-        _positive(self.lora_r, "model.lora_r")
-        _positive(self.lora_alpha, "model.lora_alpha")
-        _require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
-        _positive(self.train_blocks, "model.train_blocks", allow_zero=True)
+        check_positive(self.image_size, "model.image_size")
+        check_positive(self.lora_r, "model.lora_r")
+        check_positive(self.lora_alpha, "model.lora_alpha")
+        require(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        check_positive(self.train_blocks, "model.train_blocks", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,12 @@ class CutpasteConfig:
     include_val: bool = True  # also composite the val instances (they serve as negatives)
 
     def validate(self) -> None:
-        _positive(self.images_per_instance, "cutpaste.images_per_instance", allow_zero=True)
-        _positive(self.scale_min, "cutpaste.scale_min")
-        _require(self.scale_max >= self.scale_min, "cutpaste.scale_max", "must be >= cutpaste.scale_min")
-        _positive(self.image_size, "cutpaste.image_size")
+        check_positive(self.images_per_instance, "cutpaste.images_per_instance", allow_zero=True)
+        check_positive(self.scale_min, "cutpaste.scale_min")
+        require(self.scale_max >= self.scale_min, "cutpaste.scale_max", "must be >= cutpaste.scale_min")
+        check_positive(self.image_size, "cutpaste.image_size")
         if self.backgrounds_dir:
-            _require(
+            require(
                 Path(self.backgrounds_dir).is_dir(),
                 "cutpaste.backgrounds_dir",
                 f"{self.backgrounds_dir} is not a folder; point it at background photos or leave it empty",
@@ -125,14 +127,14 @@ class DreamboothConfig:
     use_8bit_adam: bool = True
 
     def validate(self) -> None:
-        _positive(self.steps, "dreambooth.steps")
-        _positive(self.learning_rate, "dreambooth.learning_rate")
-        _positive(self.batch_size, "dreambooth.batch_size")
-        _positive(self.resolution, "dreambooth.resolution")
-        _require(self.resolution % 8 == 0, "dreambooth.resolution", "must be a multiple of 8")
-        _positive(self.prior_weight, "dreambooth.prior_weight", allow_zero=True)
-        _positive(self.class_images, "dreambooth.class_images", allow_zero=True)
-        _positive(self.lora_rank, "dreambooth.lora_rank")
+        check_positive(self.steps, "dreambooth.steps")
+        check_positive(self.learning_rate, "dreambooth.learning_rate")
+        check_positive(self.batch_size, "dreambooth.batch_size")
+        check_positive(self.resolution, "dreambooth.resolution")
+        require(self.resolution % 8 == 0, "dreambooth.resolution", "must be a multiple of 8")
+        check_positive(self.prior_weight, "dreambooth.prior_weight", allow_zero=True)
+        check_positive(self.class_images, "dreambooth.class_images", allow_zero=True)
+        check_positive(self.lora_rank, "dreambooth.lora_rank")
 
 
 @dataclass(frozen=True)
@@ -154,24 +156,24 @@ class GenerateConfig:
     gpus_per_actor: float = 1.0
 
     def validate(self) -> None:
-        _positive(self.positives_per_instance, "generate.positives_per_instance", allow_zero=True)
-        _positive(self.negatives_per_category, "generate.negatives_per_category", allow_zero=True)
-        _require(
+        check_positive(self.positives_per_instance, "generate.positives_per_instance", allow_zero=True)
+        check_positive(self.negatives_per_category, "generate.negatives_per_category", allow_zero=True)
+        require(
             self.max_attempts >= self.positives_per_instance,
             "generate.max_attempts",
             "must be >= generate.positives_per_instance",
         )
-        _require(self.cfg >= 1.0, "generate.cfg", f"classifier-free guidance must be >= 1, got {self.cfg}")
-        _positive(self.steps, "generate.steps")
-        _positive(self.num_prompts, "generate.num_prompts")
-        _require(
+        require(self.cfg >= 1.0, "generate.cfg", f"classifier-free guidance must be >= 1, got {self.cfg}")
+        check_positive(self.steps, "generate.steps")
+        check_positive(self.num_prompts, "generate.num_prompts")
+        require(
             self.image_size % 8 == 0 and self.image_size > 0, "generate.image_size", "must be a positive multiple of 8"
         )
-        _positive(self.batch_size, "generate.batch_size")
-        _positive(self.num_actors, "generate.num_actors")
-        _positive(self.gpus_per_actor, "generate.gpus_per_actor", allow_zero=True)
+        check_positive(self.batch_size, "generate.batch_size")
+        check_positive(self.num_actors, "generate.num_actors")
+        check_positive(self.gpus_per_actor, "generate.gpus_per_actor", allow_zero=True)
         if self.prompts_file:
-            _require(
+            require(
                 Path(self.prompts_file).is_file(),
                 "generate.prompts_file",
                 f"{self.prompts_file} does not exist; give a JSON file or leave it empty",
@@ -192,10 +194,10 @@ class FilterConfig:
     batch_size: int = 16
 
     def validate(self) -> None:
-        _fraction(self.threshold, "filter.threshold")
-        _positive(self.num_actors, "filter.num_actors")
-        _positive(self.batch_size, "filter.batch_size")
-        _require(
+        check_fraction(self.threshold, "filter.threshold")
+        check_positive(self.num_actors, "filter.num_actors")
+        check_positive(self.batch_size, "filter.batch_size")
+        require(
             self.masker != "sam" or bool(self.sam_weights),
             "filter.sam_weights",
             "masker=sam needs filter.sam_weights (HF id or local folder of a SAM checkpoint)",
@@ -231,24 +233,24 @@ class TrainConfig:
     max_failures: int = 1
 
     def validate(self) -> None:
-        _positive(self.temperature, "train.temperature")
-        _positive(self.margin, "train.margin", allow_zero=True)
+        check_positive(self.temperature, "train.temperature")
+        check_positive(self.margin, "train.margin", allow_zero=True)
         for key in ("num_triplets", "batch_size", "epochs", "num_workers"):
-            _positive(getattr(self, key), f"train.{key}")
+            check_positive(getattr(self, key), f"train.{key}")
         for key in ("num_positives", "num_negatives", "num_pairs", "checkpoint_every", "max_failures"):
-            _positive(getattr(self, key), f"train.{key}", allow_zero=True)
-        _positive(self.learning_rate, "train.learning_rate")
-        _fraction(self.beta1, "train.beta1")
-        _fraction(self.beta2, "train.beta2")
-        _require(
+            check_positive(getattr(self, key), f"train.{key}", allow_zero=True)
+        check_positive(self.learning_rate, "train.learning_rate")
+        check_fraction(self.beta1, "train.beta1")
+        check_fraction(self.beta2, "train.beta2")
+        require(
             self.zero_stage in (1, 2), "train.zero_stage", f"DeepSpeed ZeRO stage must be 1 or 2, got {self.zero_stage}"
         )
         allowed = ("cutpaste", "dreambooth", "masked_dreambooth", "real")
-        _require(bool(self.positive_sources), "train.positive_sources", f"name at least one of {allowed}")
+        require(bool(self.positive_sources), "train.positive_sources", f"name at least one of {allowed}")
         for source in self.positive_sources:
-            _require(source in allowed, "train.positive_sources", f"{source!r} is not one of {allowed}")
+            require(source in allowed, "train.positive_sources", f"{source!r} is not one of {allowed}")
         if self.negatives == "folder":
-            _require(
+            require(
                 bool(self.negatives_dir) and Path(self.negatives_dir).is_dir(),
                 "train.negatives_dir",
                 "negatives=folder needs train.negatives_dir=DIR holding category images",
@@ -268,11 +270,11 @@ class EvaluateConfig:
     def validate(self) -> None:
         allowed = ("classification", "retrieval", "detection", "segmentation")
         for task in self.tasks:
-            _require(task in allowed, "evaluate.tasks", f"{task!r} is not one of {allowed}")
-        _positive(self.batch_size, "evaluate.batch_size")
-        _positive(self.num_actors, "evaluate.num_actors")
-        _positive(self.dense_image_size, "evaluate.dense_image_size")
-        _positive(self.min_object_pixels, "evaluate.min_object_pixels", allow_zero=True)
+            require(task in allowed, "evaluate.tasks", f"{task!r} is not one of {allowed}")
+        check_positive(self.batch_size, "evaluate.batch_size")
+        check_positive(self.num_actors, "evaluate.num_actors")
+        check_positive(self.dense_image_size, "evaluate.dense_image_size")
+        check_positive(self.min_object_pixels, "evaluate.min_object_pixels", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ class RayConfig:
     num_cpus: int = 0  # local Ray only; 0 = all cores
 
     def validate(self) -> None:
-        _positive(self.num_cpus, "ray.num_cpus", allow_zero=True)
+        check_positive(self.num_cpus, "ray.num_cpus", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -302,124 +304,19 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
-        _require(bool(self.output_dir), "output_dir", "pass output_dir=DIR")
-        _require(bool(self.name), "name", "give the experiment a name")
+        require(bool(self.output_dir), "output_dir", "pass output_dir=DIR")
+        require(bool(self.name), "name", "give the experiment a name")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Building from layers
-
-
-def _check_value(value: Any, annotation: Any, key: str) -> Any:
-    """Coerce a YAML value to the field's type, or fail naming the key."""
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(annotation)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        _require(isinstance(value, list | tuple), key, f"must be a list, got {value!r}")
-        return tuple(_check_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported union annotation for {key}")
-    if annotation is bool:
-        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(
-            isinstance(value, int | float) and not isinstance(value, bool), key, f"must be a number, got {value!r}"
-        )
-        return float(value)
-    if annotation is str:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        _require(isinstance(value, str), key, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(sorted(names))}"
-        raise ConfigError(f"{key}: unknown config key; {hint}")
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(annotation):
-            _require(isinstance(value, dict), key, f"must be a mapping of {annotation.__name__} fields")
-            kwargs[name] = _build(annotation, value, f"{key}.")
-        else:
-            kwargs[name] = _check_value(value, annotation, key)
-    instance = cls(**kwargs)
-    instance.validate()
-    return instance
-
-
-def _merge(base: dict, delta: dict) -> dict:
-    merged = dict(base)
-    for key, value in delta.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> dict:
-    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is read as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"{text}: overrides take the form key=value, e.g. train.epochs=3")
-    key, raw = text.split("=", 1)
-    _require(bool(key) and all(key.split(".")), text, "the key before '=' is empty")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({error})") from error
-    if value is None:
-        value = ""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
-def to_dict(config: Any) -> dict:
-    """A config as plain YAML-able data (tuples become lists)."""
-
-    def plain(obj: Any) -> Any:
-        if dataclasses.is_dataclass(obj):
-            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        if isinstance(obj, tuple | list):
-            return [plain(v) for v in obj]
-        return obj
-
-    return plain(config)
 
 
 def build_config(*layers: dict) -> ExperimentConfig:
     """Defaults, then each layer of deltas in order; validated."""
     merged = to_dict(ExperimentConfig())
     for layer in layers:
-        merged = _merge(merged, layer)
-    return _build(ExperimentConfig, merged)
+        merged = merge(merged, layer)
+    return build_dataclass(ExperimentConfig, merged)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
