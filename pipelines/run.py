@@ -56,8 +56,19 @@ def check_before_start(cfg: ExperimentConfig) -> None:
         raise ValueError("data.root: pass data.root=DIR (a PODS-layout dataset or a folder of your object's photos)")
     if cfg.model.backbone not in BACKBONES:
         raise ValueError(f"model.backbone: {cfg.model.backbone!r} is not one of {sorted(BACKBONES)}")
-    if not (cfg.cutpaste.enabled or cfg.generate.enabled or "real" in cfg.train.positive_sources):
-        raise ValueError("no source of positives: enable cutpaste or generate, or add real to train.positive_sources")
+    for source in cfg.train.positive_sources:
+        if source == "cutpaste" and not cfg.cutpaste.enabled:
+            raise ValueError("train.positive_sources has cutpaste but cutpaste.enabled=false: enable it or drop it")
+        if source in ("dreambooth", "masked_dreambooth"):
+            if not cfg.generate.enabled:
+                raise ValueError(f"train.positive_sources has {source} but generate.enabled=false: enable generation")
+            if (source == "masked_dreambooth") != cfg.dreambooth.masked:
+                raise ValueError(
+                    f"train.positive_sources has {source} but dreambooth.masked={cfg.dreambooth.masked} makes "
+                    f"{'masked_dreambooth' if cfg.dreambooth.masked else 'dreambooth'} images: make them agree"
+                )
+    if cfg.train.negatives == "generated" and not cfg.generate.enabled:
+        raise ValueError("train.negatives=generated needs generate.enabled=true (or negatives=val / folder)")
 
 
 def run(cfg: ExperimentConfig) -> Path:
