@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "LoRA InfoNCE fine-tuning of the vision encoder (Ray Train)"),
     "evaluate": ("evaluate", "pretrained vs personalized encoder on the four tasks"),
     "run": ("run", "all stages end to end, then summary.json and report.html"),
+    "sweep": ("sweep", "Ray Tune over config keys (--space tune_spaces/NAME.yaml), scored on val instances"),
     "make-toy": ("make_toy", "write the procedural toy benchmark in the PODS layout"),
     "zoo": ("zoo", "build the tiny offline models (and locate the real MobileNetV2)"),
 }
