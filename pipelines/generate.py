@@ -26,7 +26,7 @@ import pyarrow as pa
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig, to_dict
-from personalization.synthesis.prompts import build_prompts
+from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
@@ -156,6 +156,8 @@ def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str
     if cfg.generate.cfg < 1:
         raise ValueError(f"generate.cfg={cfg.generate.cfg}: classifier-free guidance must be >= 1")
     check_generator(cfg.dreambooth.base_model)
+    if cfg.generate.prompts_file:
+        load_prompts(cfg.generate.prompts_file)  # a broken prompt file fails here, before Ray starts
     generators = {}
     for instance_id in instance_ids:
         folder = stage_dir(cfg, "dreambooth", instance_id)

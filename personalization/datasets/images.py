@@ -92,6 +92,10 @@ def _open_decoded(path: Path, what: str) -> Image.Image:
         image.load()
     except Image.UnidentifiedImageError as error:
         raise DatasetError(f"{path}: not a readable {what} ({error}); re-export it as JPEG/PNG or remove it") from error
+    except Image.DecompressionBombError as error:  # the header claims more pixels than Pillow will decode
+        raise DatasetError(
+            f"{path}: {what} is too large to decode safely ({error}); downscale it (e.g. to 4096 px) or remove it"
+        ) from error
     except _DECODE_ERRORS as error:
         raise DatasetError(f"{path}: {what} is corrupt or truncated ({error}); re-copy it or remove it") from error
     return image

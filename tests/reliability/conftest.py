@@ -1,0 +1,27 @@
+"""Shared inputs of the reliability suite: the tiny model zoo and a one-category toy benchmark, built once."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Tiny random DINOv2 and Stable Diffusion, saved in their real layouts (absolute paths)."""
+    from personalization.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["dinov2", "stable_diffusion"])
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A PODS-layout toy dataset: one category, one val + one test instance, 48 px."""
+    from personalization.datasets import make_toy
+
+    return make_toy(
+        tmp_path_factory.mktemp("toy") / "toy",
+        categories=["mug"],
+        val_per_category=1,
+        test_per_category=1,
+        test_per_split=1,
+        dense_per_instance=1,
+        size=48,
+    )
