@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -88,6 +89,17 @@ def user_errors(command: str) -> Iterator[None]:
         print(f"personalize {command}: error: {error}", file=sys.stderr)
         print("(set PERSONALIZE_DEBUG=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as error:
+        # A full disk or an output folder that cannot be written: the user's to fix, not a bug (no traceback).
+        if error.errno not in _STORAGE_ERRNOS or os.environ.get("PERSONALIZE_DEBUG"):
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"personalize {command}: error: {error.strerror}{where}; make room on the disk or pass a writable "
+              "output_dir=DIR (no stage output was committed)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
 def setup_logging() -> None:
