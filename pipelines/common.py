@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from personalization.config import ConfigError, ExperimentConfig, load_config, to_dict
+from personalization.config import ConfigError, ExperimentConfig, load_config, replace, to_dict
 
 log = logging.getLogger("personalize")
 
@@ -56,7 +56,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config, args.overrides)
+    return absolute_paths(load_config(args.config, args.overrides))
+
+
+# Fields that name local files or folders. Ray workers run in other working directories, so the driver resolves
+# relative paths once; values that are not local paths (Hugging Face ids such as facebook/dinov2-base) stay as given.
+_PATH_FIELDS = (
+    "output_dir",
+    "data.root",
+    "model.weights",
+    "dreambooth.base_model",
+    "filter.cache_dir",
+    "filter.sam_weights",
+    "cutpaste.backgrounds_dir",
+    "train.negatives_dir",
+    "generate.prompts_file",
+)
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with every relative local path made absolute (from this process's working directory)."""
+    changes = {}
+    for key in _PATH_FIELDS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value and not os.path.isabs(value) and (key == "output_dir" or os.path.exists(value)):
+            changes[key] = os.path.abspath(value)
+    return replace(cfg, **changes) if changes else cfg
 
 
 def stage_main(stage: str, run: Callable[[ExperimentConfig], Path], argv: Sequence[str] | None = None) -> int:
