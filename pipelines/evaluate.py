@@ -12,8 +12,9 @@ Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<in
 The evaluated population is every non-val instance (test and user splits): its test images are the test set
 (other instances are the negatives) and its train images the retrieval gallery. The pretrained encoder is scored
 for every selected instance; the personalized encoder of X for X only, over the same images. Features come from
-Ray Data actor pools (:class:`EmbedActor` around the library's ``FeatureExtractor``); metrics are numpy on the
-driver. Dense evaluation images are the ``test_dense`` split when present, else the test images with masks.
+one Ray Data pass through one actor pool serving every encoder (:class:`EmbedActor` around the library's
+``FeatureExtractor``: per encoder, embeddings and dense predictions); metrics are numpy on the driver. Dense
+evaluation images are the ``test_dense`` split when present, else the test images with masks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,53 +48,137 @@ log = logging.getLogger(f"personalize.{STAGE}")
 
 
 class EmbedActor:
-    """Ray Data actor: loads one encoder once; ``mode`` picks embed / templates / predict for every batch."""
+    """Ray Data actor serving *every* encoder of the run from one pool (one start-up, not three per encoder).
+
+    Each input row is ``(encoder, task, row)``: ``encoder`` an adapter folder ("" = pretrained), ``task`` "embed"
+    or "predict", ``row`` an index into ``images`` (image_id, image, height, width, mask, instance_id; an Arrow
+    table or its object ref, shared by all rows so image bytes are stored once). An encoder's
+    ``FeatureExtractor`` is built on first use (the ``cache`` most recent are kept; rows arrive grouped by
+    encoder) together with its dense templates: for each instance in ``owners[encoder]``, the reference of its
+    first masked train image (``template_rows[instance][0]``, ingest order) and the box means of all of them.
+    Output rows: ``encoder, task, image_id, instance_id, embedding`` (float32 bytes, embed rows), ``mask`` (PNG),
+    ``box`` (4 float64 bytes, xywh) and ``score`` (predict rows: one per non-empty prediction per template).
+    """
 
     def __init__(
         self,
         model: dict,
-        adapter_dir: str,
-        mode: str,
+        images,
+        template_rows: dict[str, list[int]],
+        owners: dict[str, list[str]],
         dense_size: int,
-        templates: dict | None = None,
         min_object_pixels: int = 100,
+        cache: int = 2,
     ):
-        self.extractor = FeatureExtractor(model, adapter_dir, dense_size=dense_size)
-        self.mode, self.templates, self.min_object_pixels = mode, templates or {}, min_object_pixels
+        import ray
+
+        self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
+        self.model, self.dense_size, self.min_object_pixels = model, dense_size, min_object_pixels
+        self.template_rows, self.owners, self.cache = template_rows, owners, cache
+        self._encoders: OrderedDict[str, tuple[FeatureExtractor, dict]] = OrderedDict()
+
+    def _column(self, name: str, rows: Sequence[int]) -> list:
+        return self.images[name].take(pa.array(rows, pa.int64())).to_pylist()
+
+    def encoder(self, adapter: str) -> tuple[FeatureExtractor, dict]:
+        """The extractor of ``adapter`` and its templates {instance: (reference, box means)}, built once."""
+        if adapter in self._encoders:
+            self._encoders.move_to_end(adapter)
+            return self._encoders[adapter]
+        extractor = FeatureExtractor(self.model, adapter, dense_size=self.dense_size)
+        templates = {}
+        for instance in self.owners.get(adapter, []):
+            rows = self.template_rows[instance]
+            references, box_means = extractor.templates(self._column("image", rows), self._column("mask", rows))
+            # float64, as the templates were when they travelled as JSON lists: predictions stay identical.
+            templates[instance] = (references[0].astype(np.float64), box_means.astype(np.float64))
+        self._encoders[adapter] = (extractor, templates)
+        while len(self._encoders) > self.cache:
+            self._encoders.popitem(last=False)
+        return extractor, templates
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = list(batch["image"])
-        if self.mode == "embed":
-            return {"image_id": batch["image_id"], "embedding": self.extractor.embed(images)}
-        if self.mode == "templates":
-            references, box_means = self.extractor.templates(images, list(batch["mask"]))
-            return {"image_id": batch["image_id"], "reference": references, "box_mean": box_means}
-        hw = list(zip(batch["height"], batch["width"], strict=True))
-        return self.extractor.predict(images, list(batch["image_id"]), hw, self.templates, self.min_object_pixels)
+        out: dict[str, list] = {k: [] for k in ("encoder", "task", "image_id", "instance_id", "embedding", "mask")}
+        out |= {"box": [], "score": []}
+        groups: dict[tuple[str, str], list[int]] = {}
+        for encoder, task, row in zip(batch["encoder"], batch["task"], batch["row"], strict=True):
+            groups.setdefault((str(encoder), str(task)), []).append(int(row))
+        for (adapter, task), rows in groups.items():
+            extractor, templates = self.encoder(adapter)
+            images, ids = self._column("image", rows), self._column("image_id", rows)
+            if task == "embed":
+                found = {"image_id": ids, "embedding": [e.tobytes() for e in extractor.embed(images)]}
+            else:
+                hw = list(zip(self._column("height", rows), self._column("width", rows), strict=True))
+                found = extractor.predict(images, ids, hw, templates, self.min_object_pixels)
+                found["box"] = [np.asarray(b, np.float64).tobytes() for b in found["box"]]
+            n = len(found["image_id"])
+            out["encoder"] += [adapter] * n
+            out["task"] += [task] * n
+            out["image_id"] += list(found["image_id"])
+            for key, empty in (("instance_id", ""), ("embedding", b""), ("mask", b""), ("box", b"")):
+                out[key] += list(found.get(key, [empty] * n))
+            out["score"] += list(found.get("score", [math.nan] * n))
+        return {k: np.array(v + [None], dtype=object)[:-1] if k != "score" else np.asarray(v, np.float64)
+                for k, v in out.items()}  # fmt: skip
 
 
-def _features(table: pa.Table, cfg: ExperimentConfig, adapter: str, mode: str, **kwargs) -> list[dict]:
-    """The rows an actor pool returns over ``table``'s rows (see :class:`EmbedActor`)."""
+def compute_features(
+    cfg: ExperimentConfig, tables: dict[str, pa.Table], owners: dict[str, list[str]], actor: type = EmbedActor
+) -> dict[str, dict]:
+    """One Ray Data pass, one actor pool, for every encoder in ``owners`` ({adapter ("" = pretrained):
+    [instances it is scored on]}). Returns {adapter: {"embeddings": {image_id: (D,)}, "predictions": [row]}}."""
     import ray
 
-    if table.num_rows == 0:
-        return []
-    columns = ["image_id", "image", "height", "width"] + (["mask"] if mode == "templates" else [])
+    tasks = cfg.evaluate.tasks
+    instances = sorted({i for owned in owners.values() for i in owned})
+    masked = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
+    masked = masked.filter(pc.is_in(masked["instance_id"], pa.array(instances)))
+    parts = {"embed": pa.concat_tables([tables["train"], tables["test"]]), "predict": tables["dense"],
+             "templates": masked}  # fmt: skip
+    columns = ["image_id", "image", "height", "width", "mask", "instance_id"]
+    images = pa.concat_tables([parts[k].select(columns) for k in ("embed", "predict", "templates")])
+    offsets = {"embed": 0, "predict": parts["embed"].num_rows}
+    offsets["templates"] = offsets["predict"] + parts["predict"].num_rows
+    template_rows: dict[str, list[int]] = {}
+    for k, instance in enumerate(masked["instance_id"].to_pylist()):  # ingest order: the first is the reference
+        template_rows.setdefault(instance, []).append(offsets["templates"] + k)
+    wanted = [t for t in ("embed", "predict") if t == "embed" and {"classification", "retrieval"} & set(tasks)
+              or t == "predict" and set(DENSE_TASKS) & set(tasks)]  # fmt: skip
+    work = [
+        {"encoder": adapter, "task": task, "row": offsets[task] + k}
+        for adapter in owners
+        for task in wanted
+        for k in range(parts[task].num_rows)
+    ]
+    result = {adapter: {"embeddings": {}, "predictions": []} for adapter in owners}
+    if not work:
+        return result
+    batch = cfg.evaluate.batch_size
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    dataset = ray.data.from_arrow(table.select(columns)).map_batches(
-        EmbedActor,
+    dataset = ray.data.from_items(work, override_num_blocks=max(1, math.ceil(len(work) / batch)))
+    dataset = dataset.map_batches(
+        actor,
         fn_constructor_kwargs={
             "model": to_dict(cfg.model),
-            "adapter_dir": adapter,
-            "mode": mode,
+            "images": ray.put(images),
+            "template_rows": template_rows,
+            "owners": owners,
             "dense_size": cfg.evaluate.dense_image_size,
-            **kwargs,
+            "min_object_pixels": cfg.evaluate.min_object_pixels,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.evaluate.num_actors),
-        batch_size=cfg.evaluate.batch_size,
+        batch_size=batch,
+        batch_format="numpy",
         num_gpus=gpus,
     )
-    return dataset.take_all()
+    for row in dataset.iter_rows():
+        found = result[row["encoder"]]
+        if row["task"] == "embed":
+            found["embeddings"][row["image_id"]] = np.frombuffer(row["embedding"], np.float32)
+        else:
+            found["predictions"].append(row)
+    return result
 
 
 def _load_tables(images_path: Path, instances: dict[str, dict]) -> dict[str, pa.Table]:
@@ -121,16 +207,16 @@ def _rows_of(table: pa.Table, instance: str) -> pa.Table:
 
 
 def evaluate_encoder(
-    cfg: ExperimentConfig, tables: dict[str, pa.Table], adapter: str, instances: list[str]
+    cfg: ExperimentConfig, tables: dict[str, pa.Table], features: dict, instances: list[str]
 ) -> tuple[dict[str, dict], dict[str, tuple], dict[str, list]]:
-    """Metrics per instance of one encoder, its PR curves, and its dense predictions (image_id, mask, box, score)."""
+    """Metrics per instance of one encoder from its ``features`` (see :func:`compute_features`), its PR curves,
+    and its dense predictions (image_id, mask, box, score)."""
     tasks = cfg.evaluate.tasks
     metrics: dict[str, dict] = {i: {} for i in instances}
     curves: dict[str, tuple] = {}
     if "classification" in tasks or "retrieval" in tasks:
         train, test = tables["train"], tables["test"]
-        rows = _features(pa.concat_tables([train, test]), cfg, adapter, "embed")
-        embeddings = {row["image_id"]: np.asarray(row["embedding"]) for row in rows}
+        embeddings = features["embeddings"]
         train_x = np.stack([embeddings[i] for i in train["image_id"].to_pylist()])
         test_x = np.stack([embeddings[i] for i in test["image_id"].to_pylist()])
         train_y = np.array(train["instance_id"].to_pylist())
@@ -146,29 +232,12 @@ def evaluate_encoder(
     predictions: dict[str, list] = {i: [] for i in instances}
     dense_tasks = [t for t in tasks if t in DENSE_TASKS]
     if dense_tasks:
-        train = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
-        train = train.filter(pc.is_in(train["instance_id"], pa.array(instances)))
-        per_image = {row["image_id"]: row for row in _features(train, cfg, adapter, "templates")}
-        templates = {}
-        for instance in instances:
-            ids = _rows_of(train, instance)["image_id"].to_pylist()  # checked non-empty in run()
-            # Reference from the instance's first train image (ingest order); box means from all of them.
-            box_means = np.stack([per_image[i]["box_mean"] for i in ids])
-            templates[instance] = (np.asarray(per_image[ids[0]]["reference"]).tolist(), box_means.tolist())
-        found = _features(
-            tables["dense"],
-            cfg,
-            adapter,
-            "predict",
-            templates=templates,
-            min_object_pixels=cfg.evaluate.min_object_pixels,
-        )
-        for row in found:
+        for row in features["predictions"]:
             predictions[row["instance_id"]].append(
                 DensePrediction(
                     image_id=row["image_id"],
                     mask=schema.decode_mask(row["mask"]),
-                    box=tuple(float(v) for v in row["box"]),
+                    box=tuple(float(v) for v in np.frombuffer(row["box"], np.float64)),
                     score=float(row["score"]),
                 )
             )
@@ -222,8 +291,10 @@ def build(
     pr_curves: dict[str, dict] = {"pretrained": {}, "personalized": {}}
     saved: dict[str, dict] = {"pretrained": {}, "personalized": {}}
     examples: list[dict] = []
-    log.info("evaluate: pretrained %s on %d instances", cfg.model.backbone, len(instances))
-    metrics, curves, predictions = evaluate_encoder(cfg, tables, "", instances)
+    owners = {"": list(instances)} | {str(adapters[i]): [i] for i in instances}
+    log.info("evaluate: pretrained %s and %d personalized encoders, one actor pool", cfg.model.backbone, len(instances))
+    features = compute_features(cfg, tables, owners)
+    metrics, curves, predictions = evaluate_encoder(cfg, tables, features[""], instances)
     for instance in instances:
         per_instance[instance]["pretrained"] = metrics[instance]
     pr_curves["pretrained"], saved["pretrained"] = curves, predictions
@@ -231,7 +302,7 @@ def build(
     personalized_predictions = {}
     for index, instance in enumerate(instances, 1):
         log.info("evaluate: [%d/%d] personalized encoder of %s", index, len(instances), instance)
-        metrics, curves, predictions = evaluate_encoder(cfg, tables, str(adapters[instance]), [instance])
+        metrics, curves, predictions = evaluate_encoder(cfg, tables, features[str(adapters[instance])], [instance])
         per_instance[instance]["personalized"] = metrics[instance]
         pr_curves["personalized"].update(curves)
         personalized_predictions.update(predictions)

@@ -1,0 +1,81 @@
+"""Smoke test of `benchmarks/`: every module imports, the shared helpers compute what they claim, and each
+benchmark's ``measure`` runs end to end at a minimal size (slow: real Ray, real models). No timing assertions."""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` is run from the repo root (`python -m benchmarks`), not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.__main__ import MARKER, ORDER, render, write_results  # noqa: E402
+
+MINIMAL = {
+    "cutpaste": {"instances": 1, "composites": 2, "size": 64},
+    "evaluate": {"instances": 1, "size": 64, "batch": 4},
+    "generate": {"n_images": 2, "n_filtered": 0, "steps": 1, "size": 16, "batch": 1},
+    "train": {"num_triplets": 16, "batch": 8, "size": 32, "composites": 4},
+    "scale": {"counts": (1,), "size": 64, "triplets": 16},
+}
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_module_imports_with_measure_and_main(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert callable(module.measure) and callable(module.main)
+
+
+def test_table_ends_with_the_headline_ratio():
+    result = common.Result("x", "a / b", common.ratio(3.0, 2.0), goal=0.9)
+    result.add("a", 3.0, "items/s")
+    result.add("b", 2.0, "items/s")
+    last = result.table().splitlines()[-1]
+    assert last.startswith("RATIO a / b") and "1.500" in last
+    assert common.ratio(1.0, 0.0) == 0.0
+
+
+def test_marginal_removes_a_fixed_cost():
+    """A fake workload costing 0.2 s fixed + 0.01 s per item: the marginal rate is about 100 items/s."""
+    import time
+
+    def run(n):
+        time.sleep(0.2 + 0.01 * n)
+        return n
+
+    end_to_end, steady, fixed = common.marginal(run, 20, 2)
+    assert end_to_end < steady
+    assert 50 < steady < 110 and 0.1 < fixed < 0.5
+
+
+def test_results_file_keeps_the_hand_written_notes(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# notes by hand\n\n{MARKER}\nold numbers\n")
+    result = common.Result("cutpaste", "ray / plain", 1.25)
+    write_results(render(common.machine(), [result], {"train": "boom"}, 1.0), path)
+    text = path.read_text()
+    assert text.startswith("# notes by hand") and "old numbers" not in text
+    assert "| cutpaste | ray / plain | 1.250 |" in text and "FAILED: boom" in text
+
+
+def test_gpu_benchmark_skips_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gpu benchmark really runs (tests/gpu)")
+    from benchmarks import gpu
+
+    assert math.isnan(gpu.measure().ratio)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MINIMAL))
+def test_measure_runs_at_a_minimal_size(name, ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "BENCH_DIR", tmp_path)
+    result = importlib.import_module(f"benchmarks.{name}").measure(**MINIMAL[name])
+    assert result.rows and math.isfinite(result.ratio) and result.ratio > 0
+    assert result.table().splitlines()[-1].startswith("RATIO")
