@@ -20,9 +20,13 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# The toy benchmark through every stage with the real ImageNet MobileNetV2, then the generation path
+# (DreamBooth, sampling, DreamSim filter) on the zoo's tiny random models.
 demo: $(STAMP)
 	$(BIN)/personalize make-toy --out $(TOY)
 	$(BIN)/personalize run --config configs/demo.yaml data.root=$(TOY) output_dir=$(DEMO_OUT)
+	$(BIN)/personalize zoo --out models/zoo
+	$(BIN)/personalize run --config configs/demo_generation.yaml data.root=$(TOY) output_dir=$(DEMO_OUT)_generation
 
 lint: $(STAMP)
 	$(BIN)/ruff check personalization pipelines tests benchmarks
