@@ -111,8 +111,19 @@ def run_name(cfg: ExperimentConfig, instance_id: str, inputs: dict[str, Path]) -
     return f"{instance_id}-{key[:12]}"
 
 
-def run(cfg: ExperimentConfig, build_model: Callable[[ExperimentConfig], TrainableModel] | None = None) -> Path:
-    """Train every selected instance; returns ``OUT/train``. ``build_model`` defaults to :func:`build_lora_encoder`."""
+def run(
+    cfg: ExperimentConfig,
+    build_model: Callable[[ExperimentConfig], TrainableModel] | None = None,
+    *,
+    callbacks: Sequence = (),
+    report_extra: Callable[[torch.nn.Module], dict] | None = None,
+) -> Path:
+    """Train every selected instance; returns ``OUT/train``. ``build_model`` defaults to :func:`build_lora_encoder`.
+
+    Hooks (used by `personalize sweep`): ``callbacks`` are Ray Train ``UserCallback``s for the TorchTrainer (e.g.
+    Tune's ``TuneReportCallback``); ``report_extra(model) -> {key: value}`` runs on rank 0 before every report
+    and its metrics are added to that report (e.g. a validation metric for early stopping).
+    """
     instances_path = stage_dir(cfg, "ingest", "instances.json")
     if not instances_path.is_file():
         raise FileNotFoundError(f"{instances_path} is missing: run `personalize ingest` first")
@@ -133,14 +144,18 @@ def run(cfg: ExperimentConfig, build_model: Callable[[ExperimentConfig], Trainab
             stage_dir(cfg, STAGE, instance_id),
             STAGE,
             {**config, "instance": instance_id},
-            lambda tmp, i=instance_id, r=rows, t=triplets: fit_instance(cfg, i, r.table, t, inputs, tmp, build_model),
+            lambda tmp, i=instance_id, r=rows, t=triplets: fit_instance(
+                cfg, i, r.table, t, inputs, tmp, build_model, callbacks=callbacks, report_extra=report_extra
+            ),
             inputs=inputs,
             resolved_config=resolved(cfg),
         )
     return stage_dir(cfg, STAGE)
 
 
-def fit_instance(cfg, instance_id, table, triplets, inputs, out_dir: Path, build_model=None) -> int:
+def fit_instance(
+    cfg, instance_id, table, triplets, inputs, out_dir: Path, build_model=None, callbacks=(), report_extra=None
+) -> int:
     """Fit one instance with Ray Train and write the adapter and ``metrics.json`` into ``out_dir``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -154,13 +169,19 @@ def fit_instance(cfg, instance_id, table, triplets, inputs, out_dir: Path, build
     (data_dir / "triplets.json").write_text(json.dumps(triplets))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "data_dir": str(data_dir), "build_model": build_model},
+        train_loop_config={
+            "config": to_dict(cfg),
+            "data_dir": str(data_dir),
+            "build_model": build_model,
+            "report_extra": report_extra,
+        },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
@@ -196,6 +217,10 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).hexdigest()[:8], 16)
 
 
 def _epoch_indices(dataset_len: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
@@ -269,6 +294,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
 
     def save_and_report(metrics: dict, final: bool) -> None:
+        if rank == 0 and loop_config.get("report_extra") is not None:
+            metrics = {**metrics, **loop_config["report_extra"](unwrapped)}
         hashes = [None] * world
         if world > 1:
             torch.distributed.all_gather_object(hashes, _weights_hash(unwrapped))
@@ -297,9 +324,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         indices = _epoch_indices(len(dataset), rank, world, cfg.seed, epoch)
         skip = (state["step"] - epoch * steps_per_epoch) * per_worker  # resume mid-epoch without decoding skips
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, indices[skip:]), batch_size=per_worker, shuffle=False, drop_last=True
+            torch.utils.data.Subset(dataset, indices[skip:]),
+            batch_size=per_worker,
+            shuffle=False,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed),  # iter(loader) must not draw from the global RNG
         )
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            # Augmentation and dropout draw from a stream seeded by (seed, rank, step), so a run resumed from a
+            # checkpoint takes exactly the random draws an uninterrupted run takes: the same weights either way.
+            torch.manual_seed(_step_seed(cfg.seed, rank, state["step"]))
+            batch = next(batches, None)
+            if batch is None:
+                break
             metrics = train_step(forward, [x.to(device) for x in batch], loss_fn, stepper)
             state["step"] += 1
             state["loss"].append(metrics["train/loss"])
