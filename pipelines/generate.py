@@ -30,6 +30,7 @@ from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.metrics import record_filter_batch
 
 STAGE = "generate"
 log = logging.getLogger(f"personalize.{STAGE}")
@@ -135,7 +136,10 @@ def run_generation(
     batches = dataset.iter_batches(batch_size=gen.batch_size, batch_format="numpy")
     written = 0
     for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold)):
-        written += schema.write_image_table(batch_to_table(batch), out_dir / f"part-{index:05d}.parquet")
+        rows = schema.write_image_table(batch_to_table(batch), out_dir / f"part-{index:05d}.parquet")
+        scores = [s for s in batch["score"] if s is not None]
+        record_filter_batch(rows, sum(s >= cfg.filter.threshold for s in scores), stage=STAGE)
+        written += rows
     return written
 
 

@@ -44,6 +44,7 @@ from personalization.contrastive import (
 from personalization.schema import IMAGE_SCHEMA, read_image_table
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.metrics import set_train_loss
 
 log = logging.getLogger("personalize.train")
 STAGE = "train"
@@ -172,6 +173,7 @@ def fit_instance(
         train_loop_config={
             "config": to_dict(cfg),
             "data_dir": str(data_dir),
+            "instance_id": instance_id,
             "build_model": build_model,
             "report_extra": report_extra,
         },
@@ -341,6 +343,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = train_step(forward, [x.to(device) for x in batch], loss_fn, stepper)
             state["step"] += 1
             state["loss"].append(metrics["train/loss"])
+            if rank == 0:  # the dashboard's Metrics view (a no-op outside Ray)
+                set_train_loss(metrics["train/loss"], instance=loop_config.get("instance_id", "all"))
             if state["step"] % every == 0 and state["step"] < total_steps:
                 save_and_report({**metrics, "step": state["step"], "epoch": epoch}, final=False)
     save_and_report({"train/loss": state["loss"][-1] if state["loss"] else float("nan"), "step": state["step"]}, True)
