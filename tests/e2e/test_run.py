@@ -42,9 +42,12 @@ def _argv(toy, weights, out, *extra):
         "model.backbone=dinov2_vitb14",
         f"model.weights={weights}",
         "model.image_size=56",
-        "train.num_triplets=96",
+        "train.num_triplets=32",
+        "train.epochs=6",
+        "train.augment=false",
         "train.batch_size=8",
         "train.learning_rate=0.003",
+        "model.lora_dropout=0.0",
         "cutpaste.images_per_instance=8",
         "cutpaste.image_size=64",
         "evaluate.dense_image_size=112",
@@ -68,7 +71,7 @@ def test_run_writes_summary_report_and_skips_when_rerun(workspace, capsys):
     assert "Training loss" in report and "data:image/png;base64" in report
     for instance in summary["instances"]:  # the tiny ViT trains through the same path: its loss falls
         loss = json.loads((out / "train" / instance / "metrics.json").read_text())["loss"]
-        assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
+        assert np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4]), loss  # last epoch vs first
         assert (out / "train" / instance / "adapter_model.safetensors").is_file()
     stages = ["ingest", "cutpaste", "train/mug_01", "train/tote_01", "evaluate"]
     manifests = {stage: (out / stage / MANIFEST).read_text() for stage in stages}
