@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check personalization pipelines tests benchmarks
 
 test: $(STAMP) lint
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra tests
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
