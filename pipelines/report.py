@@ -23,15 +23,25 @@ def _loss_history(out: Path, instances: list[str]) -> dict[str, list[float]]:
 
 
 def _samples(out: Path, instances: list[str]) -> list[tuple[str, bytes]]:
-    """A few synthetic images per source (Cut-and-Paste composites, generated positives and negatives)."""
+    """A few synthetic images per source (Cut-and-Paste composites, generated positives and negatives).
+
+    Shards are read a batch at a time and reading stops once enough samples are found: a stage folder can hold
+    tens of gigabytes of PNGs at real scale.
+    """
+    import pyarrow.parquet as pq
+
     samples = []
-    for stage in ("cutpaste", "generate"):
-        folder = out / stage
-        if not folder.is_dir():
-            continue
-        table = schema.read_image_table(folder, columns=["instance_id", "role", "source", "image", "score"])
-        rows = [r for r in table.to_pylist() if r["instance_id"] in instances or r["role"] == "negative"]
-        for row in rows[:SAMPLES_PER_SOURCE]:
+    columns = ["instance_id", "role", "source", "image", "score"]
+    for folder in (out / "cutpaste", out / "generate" / "positives", out / "generate" / "negatives"):
+        found = []
+        for shard in schema.parquet_files(folder) if folder.is_dir() else []:
+            for batch in pq.ParquetFile(shard).iter_batches(batch_size=32, columns=columns):
+                found += [r for r in batch.to_pylist() if r["instance_id"] in instances or r["role"] == "negative"]
+                if len(found) >= SAMPLES_PER_SOURCE:
+                    break
+            if len(found) >= SAMPLES_PER_SOURCE:
+                break
+        for row in found[:SAMPLES_PER_SOURCE]:
             score = "" if row["score"] is None else f", score {row['score']:.2f}"
             samples.append((f"{row['source']} {row['role']}: {row['instance_id']}{score}", row["image"]))
     return samples
