@@ -1,8 +1,8 @@
 """`personalize` as a Ray Job on a real local head that this test starts (cluster/local_head.sh) and stops by PID.
 
 The head gets free ports and its own short temp dir, so it never meets another Ray on the machine; teardown
-checks that no process of it survives. The job's entrypoint is one parameter (JOB_ENTRYPOINTS) so the same
-machinery can run `personalize run` end to end once that is wired.
+checks that no process of it survives. The job's entrypoint is one parameter (JOB_ENTRYPOINTS): two stages chained,
+`personalize run` end to end (its summary.json records the job id), and a stage session joining the cluster.
 """
 
 from __future__ import annotations
@@ -121,6 +121,21 @@ def toy_ingest(tmp: Path) -> list[str]:
     return ["bash", "-c", script]
 
 
+def toy_run(tmp: Path) -> list[str]:
+    """`personalize run` end to end as a Ray Job: toy benchmark + tiny DINOv2 from the zoo, every stage."""
+    toy, out, zoo = tmp / "toy", tmp / "out", tmp / "zoo"
+    script = (
+        f"personalize make-toy --out {toy} --size 48 --categories mug,tote --val-per-category 1 "
+        f"--test-per-category 1 --test-per-split 1 --dense-per-instance 1 "
+        f"&& personalize zoo --out {zoo} --parts dinov2 "
+        f"&& personalize run --config configs/demo.yaml data.root={toy} output_dir={out} "
+        f"model.backbone=dinov2_vitb14 model.weights={zoo}/dinov2 model.image_size=56 train.num_triplets=16 "
+        f"train.batch_size=8 cutpaste.images_per_instance=4 cutpaste.image_size=48 evaluate.dense_image_size=56 "
+        f"evaluate.num_actors=1"
+    )
+    return ["bash", "-c", script]
+
+
 def stage_session_joins_cluster(tmp: Path) -> list[str]:
     """A stage's ray_session inside a job must join the job's cluster (RAY_ADDRESS), not start a private Ray."""
     code = (
@@ -133,7 +148,11 @@ def stage_session_joins_cluster(tmp: Path) -> list[str]:
 
 
 # (entrypoint maker, the file or the folder (then holding a _manifest.json) that the job must leave behind)
-JOB_ENTRYPOINTS = {"toy_ingest": (toy_ingest, "out/ingest"), "ray_session": (stage_session_joins_cluster, "joined")}
+JOB_ENTRYPOINTS = {
+    "toy_ingest": (toy_ingest, "out/ingest"),
+    "toy_run": (toy_run, "out/evaluate"),
+    "ray_session": (stage_session_joins_cluster, "joined"),
+}
 
 
 @pytest.mark.parametrize("name", list(JOB_ENTRYPOINTS))
@@ -150,6 +169,9 @@ def test_job_on_local_head_succeeds_and_is_listed(head, runtime_env_file, tmp_pa
         assert manifest["stage"] == manifest_dir.split("/")[-1]
     else:
         assert (tmp_path / manifest_dir).is_file()
+
+    if name == "toy_run":  # the run's summary names the job that made it
+        assert json.loads((tmp_path / "out" / "summary.json").read_text())["job_id"] == job_id
 
     listed = requests.get(f"{head.address}/api/jobs/", timeout=10).json()
     entry = next(job for job in listed if job["submission_id"] == job_id)
