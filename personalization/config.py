@@ -283,6 +283,7 @@ class RayConfig:
 
     address: str = ""  # empty = start a local single-node Ray; else "auto" or ray://host:10001
     num_cpus: int = 0  # local Ray only; 0 = all cores
+    dashboard: bool = True  # local Ray only: serve the dashboard on 127.0.0.1 (port 8265, or the next free one)
 
     def validate(self) -> None:
         check_positive(self.num_cpus, "ray.num_cpus", allow_zero=True)

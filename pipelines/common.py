@@ -43,7 +43,14 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, include_dashboard=False)
+        context = ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus or None,
+            include_dashboard=cfg.ray.dashboard,
+            dashboard_host="127.0.0.1",
+        )
+        if cfg.ray.dashboard and context.dashboard_url:
+            log.info("Ray dashboard: http://%s", context.dashboard_url)
     try:
         yield
     finally:
