@@ -142,7 +142,9 @@ def measure(n_images: int = 40, n_filtered: int = 12, steps: int = 10, size: int
         "from both sides alike and reported as 'fixed s'"
     )
     result.ratio = ratio(cand[1], base[1])
-    assert math.isfinite(result.ratio)
+    if not math.isfinite(result.ratio):  # load noise swamped the extra work: no steady state to compare
+        result.ratio = ratio(cand[0], base[0])
+        result.notes.append("steady state not measurable in this run (noise); the headline is end to end")
     return result
 
 
