@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +181,17 @@ def parquet_files(path: str | Path) -> list[Path]:
         for p in path.rglob("*.parquet")
         if not any(part.startswith((".", "_")) for part in p.parts[len(path.parts) :])
     )
+
+
+def iter_image_batches(path: str | Path, *, columns: Sequence[str], batch_size: int = 32) -> Iterator[pa.RecordBatch]:
+    """Stream the shards under ``path`` a batch at a time, each shard's schema validated before it is read.
+
+    For readers that need a few rows out of folders that can hold gigabytes of PNGs (report samples).
+    """
+    for file in parquet_files(path):
+        shard = pq.ParquetFile(file)
+        validate_table(shard.schema_arrow.empty_table(), where=str(file))
+        yield from shard.iter_batches(batch_size=batch_size, columns=list(columns))
 
 
 def read_image_table(

@@ -28,17 +28,12 @@ def _samples(out: Path, instances: list[str]) -> list[tuple[str, bytes]]:
     Shards are read a batch at a time and reading stops once enough samples are found: a stage folder can hold
     tens of gigabytes of PNGs at real scale.
     """
-    import pyarrow.parquet as pq
-
     samples = []
     columns = ["instance_id", "role", "source", "image", "score"]
     for folder in (out / "cutpaste", out / "generate" / "positives", out / "generate" / "negatives"):
         found = []
-        for shard in schema.parquet_files(folder) if folder.is_dir() else []:
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=32, columns=columns):
-                found += [r for r in batch.to_pylist() if r["instance_id"] in instances or r["role"] == "negative"]
-                if len(found) >= SAMPLES_PER_SOURCE:
-                    break
+        for batch in schema.iter_image_batches(folder, columns=columns) if folder.is_dir() else []:
+            found += [r for r in batch.to_pylist() if r["instance_id"] in instances or r["role"] == "negative"]
             if len(found) >= SAMPLES_PER_SOURCE:
                 break
         for row in found[:SAMPLES_PER_SOURCE]:

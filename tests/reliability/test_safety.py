@@ -121,13 +121,18 @@ def test_image_table_with_another_schema_version_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from personalization.schema import IMAGE_SCHEMA, SchemaError, read_image_table
+    from personalization.schema import IMAGE_SCHEMA, SchemaError, iter_image_batches, read_image_table
+
+    def streamed():
+        return list(iter_image_batches(tmp_path, columns=["image_id"]))
 
     key = next(iter(IMAGE_SCHEMA.metadata))  # the schema-version key
     table = IMAGE_SCHEMA.empty_table().replace_schema_metadata({key: b"99"})
     pq.write_table(table, tmp_path / "old.parquet")
-    with pytest.raises(SchemaError, match=r"old\.parquet.*version 99"):
-        read_image_table(tmp_path)
+    for read in (lambda: read_image_table(tmp_path), streamed):
+        with pytest.raises(SchemaError, match=r"old\.parquet.*version 99"):
+            read()
     pq.write_table(pa.table({"image_id": ["a"]}), tmp_path / "old.parquet")
-    with pytest.raises(SchemaError, match=r"old\.parquet.*lacks columns"):
-        read_image_table(tmp_path)
+    for read in (lambda: read_image_table(tmp_path), streamed):
+        with pytest.raises(SchemaError, match=r"old\.parquet.*lacks columns"):
+            read()
