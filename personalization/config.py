@@ -284,9 +284,14 @@ class RayConfig:
     address: str = ""  # empty = start a local single-node Ray; else "auto" or ray://host:10001
     num_cpus: int = 0  # local Ray only; 0 = all cores
     dashboard: bool = True  # local Ray only: serve the dashboard on 127.0.0.1 (port 8265, or the next free one)
+    # Per-instance trainings (dreambooth, train) at once; 0 = as many as the cluster's CPUs / GPUs hold.
+    max_concurrent: int = 0
+    instances_per_gpu: int = 1  # trainings packed on one GPU (each worker asks for 1/N of a GPU)
 
     def validate(self) -> None:
         check_positive(self.num_cpus, "ray.num_cpus", allow_zero=True)
+        check_positive(self.max_concurrent, "ray.max_concurrent", allow_zero=True)
+        check_positive(self.instances_per_gpu, "ray.instances_per_gpu")
 
 
 @dataclass(frozen=True)

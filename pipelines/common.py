@@ -108,6 +108,18 @@ def stage_main(stage: str, run: Callable[[ExperimentConfig], Path], argv: Sequen
     return 0
 
 
+class InstanceFailures(RuntimeError):
+    """Some instances failed; every other instance finished and committed. ``failures``: {instance: error}."""
+
+    def __init__(self, stage: str, failures: dict[str, str], finished: int, listed_in: str = ""):
+        self.stage, self.failures = stage, dict(failures)
+        listed = "; ".join(f"{i}: {e.splitlines()[0] if e else ''}" for i, e in sorted(failures.items()))
+        super().__init__(
+            f"{stage}: {len(failures)} instance(s) failed, {finished} finished ({listed}). They are listed in "
+            f"{listed_in or f'OUT/{stage}/failures.json'}; re-running retries only them (the others are kept)."
+        )
+
+
 @contextlib.contextmanager
 def user_errors(command: str) -> Iterator[None]:
     """Bad input raises ValueError / FileNotFoundError with a message meant for the user: print it, exit 2.
@@ -116,6 +128,9 @@ def user_errors(command: str) -> Iterator[None]:
     """
     try:
         yield
+    except InstanceFailures as error:  # the other instances finished: no traceback, exit 1
+        print(f"personalize {command}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get("PERSONALIZE_DEBUG"):
             raise

@@ -5,10 +5,12 @@ Reads OUT/ingest (instances.json, images.parquet). Commits:
   pretrained generator, made once per category and shared by its instances (own manifest);
 - OUT/dreambooth/<instance_id>/: a diffusers folder (mode=full) or ``pytorch_lora_weights.safetensors``
   (mode=lora), plus ``metrics.json`` (loss per step), each with its own manifest.
-One TorchTrainer runs every instance still to do, one worker (one GPU) per instance: worker k trains instance k
-with the library's ``train_dreambooth`` and copies its folder into OUT/dreambooth/.work/ (like Ray Train's own
-storage_path, OUT must be on storage every node sees); the driver then commits each instance folder atomically.
-The photos travel in the train config (a few PNGs) and the class images as an object ref.
+Each instance still to do is a one-worker TorchTrainer (one GPU, or a share of one with ``ray.instances_per_gpu``),
+as many at a time as the cluster holds (pipelines.instances); an instance that fails is recorded in
+OUT/dreambooth/failures.json and the others go on. The worker trains with the library's ``train_dreambooth`` and
+copies its folder into OUT/dreambooth/.work/ (like Ray Train's own storage_path, OUT must be on storage every node
+sees); the driver then commits the instance folder atomically. The photos travel in the train config (a few PNGs)
+and the class images as an object ref.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig, to_dict
 from personalization.synthesis.dreambooth import DreamboothError, check_generator_dir
 from pipelines import common
-from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
+from pipelines.instances import run_each, worker_resources, write_failures
 
 STAGE = "dreambooth"
 log = logging.getLogger(f"personalize.{STAGE}")
@@ -128,18 +131,14 @@ def _uses_prior(cfg: ExperimentConfig) -> bool:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train worker: trains the instance at its world rank, reports its output folder in the checkpoint."""
+    """Ray Train worker: trains the run's one instance and leaves its folder in the run's work folder."""
     import ray
     import ray.train
     import torch
 
     from personalization.synthesis.dreambooth import train_dreambooth
 
-    job = config["jobs"][ray.train.get_context().get_world_rank()]
-    # The instances are independent (no gradient sync), and transformers' save_pretrained writes nothing on a
-    # rank other than 0 while a process group exists: leave the group Ray Train made.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    job = config["job"]
     images = [schema.decode_image(p["image"]) for p in job["photos"]]
     masks = [schema.decode_mask(p["mask"]) if p["mask"] is not None else None for p in job["photos"]]
     class_images = [schema.decode_image(b) for b in ray.get(job["class_ref"])] if job["class_ref"] else []
@@ -187,13 +186,8 @@ def _train_args(cfg: ExperimentConfig) -> dict:
 
 def run(cfg: ExperimentConfig) -> Path:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    instances_path = stage_dir(cfg, "ingest", "instances.json")
-    if not instances_path.is_file():
-        raise FileNotFoundError(f"{instances_path} does not exist; run `personalize ingest` first")
-    instances = json.loads(instances_path.read_text())
+    instances = common.load_instances(cfg)
     instance_ids = common.select_instances(cfg, instances)
     check_generator_dir(cfg.dreambooth.base_model)
     photos = load_real_photos(cfg, instance_ids)  # bad input fails here, before any worker starts
@@ -202,63 +196,72 @@ def run(cfg: ExperimentConfig) -> Path:
     configs = {i: _instance_config(cfg, instances[i]["category"]) for i in instance_ids}
     todo = [i for i in instance_ids if not is_current(outs[i], STAGE, configs[i], inputs)]
     if not todo:
+        write_failures(cfg, STAGE, {})
         return stage_dir(cfg, STAGE)
     with ray_session(cfg):
         class_refs = {}
         for category in sorted({instances[i]["category"] for i in todo}) if _uses_prior(cfg) else []:
             table = schema.read_image_table(run_class_images(cfg, category), columns=["image"])
             class_refs[category] = ray.put(table.column("image").to_pylist())
-        jobs = [
-            {
-                "instance_id": i,
-                "category": instances[i]["category"],
-                "photos": photos[i],
+        use_gpu = _gpus()
+        log.info("dreambooth: training %s (%s, %d steps)", todo, cfg.dreambooth.mode, cfg.dreambooth.steps)
+
+        def fit(instance_id: str) -> None:
+            job = {
+                "instance_id": instance_id,
+                "category": instances[instance_id]["category"],
+                "photos": photos[instance_id],
                 "seed": cfg.seed,
-                "class_ref": class_refs.get(instances[i]["category"]),
+                "class_ref": class_refs.get(instances[instance_id]["category"]),
             }
-            for i in todo
-        ]
-        storage = stage_dir(cfg, STAGE, ".ray").resolve()
-        work_dir = stage_dir(cfg, STAGE, ".work").resolve()
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True)
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "jobs": jobs,
-                "base_model": cfg.dreambooth.base_model,
-                "masked": cfg.dreambooth.masked,
-                "train_args": _train_args(cfg),
-                "work_dir": str(work_dir),
-            },
-            scaling_config=ScalingConfig(num_workers=len(todo), use_gpu=_gpus()),
-            run_config=RunConfig(name="dreambooth", storage_path=str(storage)),
-        )
-        log.info(
-            "dreambooth: training %s (%s, %d steps) on %d workers",
-            todo,
-            cfg.dreambooth.mode,
-            cfg.dreambooth.steps,
-            len(todo),
-        )
-        try:
-            trainer.fit()
-            for instance_id in todo:
-                source = work_dir / instance_id
-                if not source.is_dir():
-                    raise RuntimeError(f"dreambooth: the worker for {instance_id} wrote nothing to {work_dir}")
-                commit_stage(
-                    outs[instance_id],
-                    STAGE,
-                    configs[instance_id],
-                    lambda tmp, source=source: shutil.copytree(source, tmp, dirs_exist_ok=True) and None,
-                    inputs=inputs,
-                    resolved_config=resolved(cfg),
-                )
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            shutil.rmtree(storage, ignore_errors=True)
+            commit_stage(
+                outs[instance_id],
+                STAGE,
+                configs[instance_id],
+                lambda tmp: fit_instance(cfg, job, tmp, use_gpu),
+                inputs=inputs,
+                resolved_config=resolved(cfg),
+            )
+
+        failures = run_each(cfg, STAGE, todo, fit, per_run=worker_resources(cfg, use_gpu))
+    if failures:
+        raise InstanceFailures(STAGE, failures, finished=len(todo) - len(failures))
     return stage_dir(cfg, STAGE)
+
+
+def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool) -> None:
+    """One instance's DreamBooth as a one-worker Ray Train run; its folder lands in ``out_dir``."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    instance_id = job["instance_id"]
+    storage = stage_dir(cfg, STAGE, ".ray", instance_id).resolve()
+    work_dir = stage_dir(cfg, STAGE, ".work", instance_id).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "job": job,
+            "base_model": cfg.dreambooth.base_model,
+            "masked": cfg.dreambooth.masked,
+            "train_args": _train_args(cfg),
+            "work_dir": str(work_dir),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=1, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)
+        ),
+        run_config=RunConfig(name=instance_id, storage_path=str(storage)),
+    )
+    try:
+        trainer.fit()
+        source = work_dir / instance_id
+        if not source.is_dir():
+            raise RuntimeError(f"dreambooth: the worker for {instance_id} wrote nothing to {work_dir}")
+        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(storage, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

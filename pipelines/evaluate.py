@@ -40,6 +40,7 @@ from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.retrieval import evaluate_retrieval
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.instances import without_failed
 
 STAGE = "evaluate"
 DENSE_TASKS = ("detection", "segmentation")
@@ -348,7 +349,7 @@ def run(cfg: ExperimentConfig) -> Path:
     if not images_path.exists() or not instances_path.exists():
         raise FileNotFoundError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
     instances_info = json.loads(instances_path.read_text())
-    instances = common.select_instances(cfg, instances_info)
+    instances = without_failed(cfg, STAGE, common.select_instances(cfg, instances_info))
     adapters = {i: stage_dir(cfg, "train", i) for i in instances}
     missing = [
         i for i, path in adapters.items() if read_manifest(path) is None and not (path / "adapter_config.json").exists()

@@ -30,6 +30,7 @@ from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.instances import without_failed
 from pipelines.metrics import record_filter_batch
 
 STAGE = "generate"
@@ -148,7 +149,7 @@ def _read_instances(cfg: ExperimentConfig) -> tuple[dict[str, dict], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
     instances = json.loads(path.read_text())
-    return instances, common.select_instances(cfg, instances)
+    return instances, without_failed(cfg, STAGE, common.select_instances(cfg, instances))
 
 
 def positive_source(cfg: ExperimentConfig) -> str:

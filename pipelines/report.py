@@ -58,6 +58,8 @@ def build_report(cfg: ExperimentConfig, summary: dict) -> Path:
     notes = [f"backbone {cfg.model.backbone}; {len(summary['instances'])} instances; output {out.resolve()}"]
     if job := current_job_id():
         notes.append(f"Ray Job {job}")
+    for instance, failure in sorted(summary.get("failed", {}).items()):
+        notes.append(f"FAILED {instance} in {failure['stage']} (left out of the metrics): {failure['error']}")
     if cfg.generate.enabled and "zoo" in (cfg.dreambooth.base_model + cfg.generate.prompts_file):
         notes.append("Generated images come from the tiny random zoo models: they are noise, by design.")
     return write_report(

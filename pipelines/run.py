@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from personalization.config import ExperimentConfig, save_config
-from pipelines.common import ray_session, stage_main
+from pipelines.common import InstanceFailures, ray_session, stage_main
+from pipelines.instances import read_failures, upstream_of
 
 log = logging.getLogger("personalize.run")
 
@@ -77,13 +78,17 @@ def run(cfg: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = plan(cfg)
-    timings = {}
+    timings, partial = {}, []
     with ray_session(cfg):
         for index, (name, stage) in enumerate(stages, 1):
             log.info("[%d/%d] %s ...", index, len(stages), name)
             print(f"[{index}/{len(stages)}] {name} ...", flush=True)
             started = time.time()
-            stage(cfg)
+            try:
+                stage(cfg)
+            except InstanceFailures as error:  # the stage's other instances committed: the run goes on without
+                partial.append(error)
+                print(f"[{index}/{len(stages)}] {error}", flush=True)
             timings[name] = round(time.time() - started, 1)
             print(f"[{index}/{len(stages)}] {name} done in {timings[name]:.1f} s", flush=True)
     summary = write_summary(cfg, timings)
@@ -92,6 +97,10 @@ def run(cfg: ExperimentConfig) -> Path:
     report = build_report(cfg, summary)
     print_table(summary)
     print(f"summary: {out / 'summary.json'}\nreport:  {report}")
+    if summary["failed"]:
+        # Exit non-zero (1) so a job or a script notices; everything that finished is committed and reported.
+        failed = {i: f"{f['stage']}: {f['error']}" for i, f in summary["failed"].items()}
+        raise InstanceFailures("run", failed, finished=len(summary["instances"]), listed_in=str(out / "summary.json"))
     return out
 
 
@@ -99,6 +108,7 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     metrics = json.loads((Path(cfg.output_dir) / "evaluate" / "metrics.json").read_text())
     summary = {
         "instances": sorted(metrics["per_instance"]),
+        "failed": read_failures(cfg, upstream_of(cfg, "evaluate")),
         "backbone": cfg.model.backbone,
         "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},
         "per_instance": metrics["per_instance"],

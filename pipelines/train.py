@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from personalization.artifacts import commit_stage, hash_config, input_hash
+from personalization.artifacts import commit_stage, hash_config, input_hash, is_current
 from personalization.config import ExperimentConfig, build_config, to_dict
 from personalization.contrastive import (
     DeepSpeedStepper,
@@ -43,7 +43,8 @@ from personalization.contrastive import (
 )
 from personalization.schema import IMAGE_SCHEMA, read_image_table
 from pipelines import common
-from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
+from pipelines.instances import run_each, without_failed, worker_resources
 from pipelines.metrics import set_train_loss
 
 log = logging.getLogger("personalize.train")
@@ -125,32 +126,44 @@ def run(
     Tune's ``TuneReportCallback``); ``report_extra(model) -> {key: value}`` runs on rank 0 before every report
     and its metrics are added to that report (e.g. a validation metric for early stopping).
     """
-    instances_path = stage_dir(cfg, "ingest", "instances.json")
-    if not instances_path.is_file():
-        raise FileNotFoundError(f"{instances_path} is missing: run `personalize ingest` first")
-    instances = json.loads(instances_path.read_text())
+    instances = common.load_instances(cfg)
     inputs = stage_inputs(cfg)
     images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
     synthetic = _synthetic_table(cfg, inputs)
     config = {"model": cfg.model, "train": cfg.train, "seed": cfg.seed, "filter": cfg.filter.threshold}
-    for instance_id in common.select_instances(cfg, instances):
-        # Sample before committing so an empty pool fails before any Ray work starts.
+    chosen = without_failed(cfg, STAGE, common.select_instances(cfg, instances))
+    todo = {}
+    for instance_id in chosen:
+        if is_current(stage_dir(cfg, STAGE, instance_id), STAGE, {**config, "instance": instance_id}, inputs):
+            continue
+        # Sample every instance before any training starts, so an empty pool fails before any Ray work.
         rows = select_training_rows(images, synthetic, instance_id, cfg.train, instances)
         triplets = sample_triplets(
             rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
             num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
             num_pairs=cfg.train.num_pairs, seed=cfg.seed, instance_id=instance_id,
         )  # fmt: skip
+        todo[instance_id] = (rows.table, triplets)
+
+    def fit(instance_id: str) -> None:
+        table, triplets = todo[instance_id]
         commit_stage(
             stage_dir(cfg, STAGE, instance_id),
             STAGE,
             {**config, "instance": instance_id},
-            lambda tmp, i=instance_id, r=rows, t=triplets: fit_instance(
-                cfg, i, r.table, t, inputs, tmp, build_model, callbacks=callbacks, report_extra=report_extra
+            lambda tmp: fit_instance(
+                cfg, instance_id, table, triplets, inputs, tmp, build_model, callbacks=callbacks,
+                report_extra=report_extra,
             ),
             inputs=inputs,
             resolved_config=resolved(cfg),
-        )
+        )  # fmt: skip
+
+    per_worker = worker_resources(cfg, cfg.train.use_gpu)
+    per_run = {key: amount * cfg.train.num_workers for key, amount in per_worker.items()}
+    failures = run_each(cfg, STAGE, list(todo), fit, per_run=per_run)
+    if failures:
+        raise InstanceFailures(STAGE, failures, finished=len(chosen) - len(failures))
     return stage_dir(cfg, STAGE)
 
 
@@ -177,7 +190,11 @@ def fit_instance(
             "build_model": build_model,
             "report_extra": report_extra,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=worker_resources(cfg, cfg.train.use_gpu),
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
