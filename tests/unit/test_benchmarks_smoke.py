@@ -20,7 +20,7 @@ MINIMAL = {
     "evaluate": {"instances": 1, "size": 64, "batch": 4},
     "generate": {"n_images": 2, "n_filtered": 0, "steps": 1, "size": 16, "batch": 1},
     "train": {"num_triplets": 16, "batch": 8, "size": 32, "composites": 4},
-    "scale": {"counts": (1,), "size": 64, "triplets": 16},
+    "scale": {"counts": (1,), "size": 64, "triplets": 16, "one_at_a_time": False},
 }
 
 
