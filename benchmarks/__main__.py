@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     with local_ray():
         for name in names:
             try:
-                results.append(importlib.import_module(f"benchmarks.{name}").main())
+                results.append(importlib.import_module(f"benchmarks.{name}").measure())
+                print(results[-1].table(), flush=True)
             except Exception as error:  # one broken benchmark must not hide the others' numbers
                 traceback.print_exc()
                 failures[name] = f"{type(error).__name__}: {error}"[:200]

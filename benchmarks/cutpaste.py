@@ -58,13 +58,3 @@ def measure(instances: int = 2, composites: int = 100, size: int = 256) -> Resul
     )
     result.ratio = ratio(made / ray_s, n / plain_s)
     return result
-
-
-def main() -> Result:
-    result = measure()
-    print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -130,13 +130,3 @@ def measure(instances: int = 3, size: int = 64, batch: int = 16) -> Result:
     )
     result.ratio = ratio(done / ray_s, done / plain_s)
     return result
-
-
-def main() -> Result:
-    result = measure()
-    print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

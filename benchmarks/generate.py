@@ -70,7 +70,7 @@ def plain_loop(sd: str, rows: list[dict], *, steps: int, size: int, batch: int, 
     return made
 
 
-def measure(n_images: int = 40, n_filtered: int = 12, steps: int = 10, size: int = 32, batch: int = 4) -> Result:
+def measure(n_images: int = 80, n_filtered: int = 12, steps: int = 10, size: int = 32, batch: int = 4) -> Result:
     import torch
 
     from personalization.config import build_config
@@ -153,13 +153,3 @@ def _report(result: Result, label: str, measured: tuple[float, float, float]) ->
     result.add(f"{label}: end-to-end", end_to_end, "images/s")
     result.add(f"{label}: steady state", steady, "images/s")
     result.add(f"{label}: fixed start-up", fixed, "s")
-
-
-def main() -> Result:
-    result = measure()
-    print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -142,16 +142,3 @@ def measure(images: int = 8, steps: int = 50, train_batch: int = 16) -> Result:
     result.add("training MFU (goal >= 0.30)", step_flops / seconds / peak, "of peak")
     result.ratio = gen_mfu
     return result
-
-
-def main() -> Result:
-    result = measure()
-    if result.ratio != result.ratio:  # NaN: no CUDA
-        print("== gpu ==\nskipped: no CUDA", flush=True)
-    else:
-        print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -58,13 +58,3 @@ def measure(
     )
     result.ratio = ratio(walls[last] / last, walls[first] / first)
     return result
-
-
-def main() -> Result:
-    result = measure()
-    print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

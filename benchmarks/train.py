@@ -116,13 +116,3 @@ def measure(num_triplets: int = 320, batch: int = 16, size: int = 64, composites
     )
     result.ratio = ratio(results[1][0], samples / loop_s)
     return result
-
-
-def main() -> Result:
-    result = measure()
-    print(result.table(), flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()
