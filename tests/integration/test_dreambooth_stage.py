@@ -1,13 +1,12 @@
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny_ingest import write_ingest
 
 from personalization.artifacts import read_manifest
 from personalization.config import build_config
-from personalization.schema import make_row, read_image_table, write_image_table
+from personalization.schema import read_image_table
 from personalization.synthesis.dreambooth import DreamboothError
 from personalization.zoo.diffusion import build_stable_diffusion
 from pipelines import dreambooth
@@ -17,31 +16,7 @@ INSTANCES = {"mug_1": "mug", "mug_2": "mug"}
 
 
 def _ingest(out, with_masks=True):
-    rng = np.random.default_rng(0)
-    rows = []
-    for iid, category in INSTANCES.items():
-        for k in range(2):
-            image = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
-            mask = np.zeros((SIZE, SIZE), bool)
-            mask[8:24, 8:24] = True
-            rows.append(
-                make_row(
-                    image_id=f"{iid}-{k}",
-                    instance_id=iid,
-                    category=category,
-                    role="real_train",
-                    source="real",
-                    split="train",
-                    instance_split="test",
-                    image=image,
-                    mask=mask if with_masks else None,
-                )
-            )
-    (out / "ingest").mkdir(parents=True, exist_ok=True)
-    write_image_table(rows, out / "ingest" / "images.parquet")
-    (out / "ingest" / "instances.json").write_text(
-        json.dumps({i: {"category": c, "split": "test"} for i, c in INSTANCES.items()})
-    )
+    write_ingest(out, INSTANCES, size=SIZE, mask="box" if with_masks else None)
 
 
 def _cfg(sd, out, **db):

@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_ingest import write_ingest
 
 from personalization.artifacts import read_manifest
 from personalization.config import build_config
-from personalization.schema import make_image_id, make_row, read_image_table, write_image_table
+from personalization.schema import make_image_id, read_image_table
 from personalization.synthesis.dreambooth import train_dreambooth
 from personalization.synthesis.sampler import SamplerError
 from personalization.zoo.diffusion import build_stable_diffusion
@@ -23,29 +24,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     sd = build_stable_diffusion(root / "zoo")
     out = root / "out"
-    rng = np.random.default_rng(0)
-    rows, photos = [], {}
-    for iid, category in INSTANCES.items():
-        photos[iid] = [Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(2)]
-        for k, image in enumerate(photos[iid]):
-            rows.append(
-                make_row(
-                    image_id=f"{iid}-{k}",
-                    instance_id=iid,
-                    category=category,
-                    role="real_train",
-                    source="real",
-                    split="train",
-                    instance_split="test",
-                    image=image,
-                    mask=np.ones((SIZE, SIZE), bool),
-                )
-            )
-    (out / "ingest").mkdir(parents=True)
-    write_image_table(rows, out / "ingest" / "images.parquet")
-    (out / "ingest" / "instances.json").write_text(
-        json.dumps({i: {"category": c, "split": "test"} for i, c in INSTANCES.items()})
-    )
+    photos = write_ingest(out, INSTANCES, size=SIZE, mask="full")
     for seed, (iid, category) in enumerate(INSTANCES.items()):
         train_dreambooth(
             sd,
