@@ -1,8 +1,9 @@
 """What every benchmark shares: the result table, timing, the local Ray, scratch folders and the machine line.
 
 A benchmark is a module with ``measure(**sizes) -> Result`` (``python -m benchmarks --only NAME`` prints its
-table; the smoke test calls it at a minimal size). Every ratio is ``candidate throughput / baseline throughput``, both measured in the
-same process, back to back, on the same model, batch and torch thread count, so machine load mostly cancels out.
+table; the smoke test calls it at a minimal size). Every ratio is ``candidate throughput / baseline
+throughput``, both measured in the same process, back to back, on the same model, batch and torch thread count,
+so machine load mostly cancels out.
 """
 
 from __future__ import annotations
