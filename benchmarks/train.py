@@ -67,7 +67,7 @@ def plain_loop(cfg) -> tuple[int, float]:
     return steps * t.batch_size, time.time() - started
 
 
-def measure(num_triplets: int = 320, batch: int = 16, size: int = 64, composites: int = 16) -> Result:
+def measure(num_triplets: int = 320, batch: int = 16, size: int = 64, composites: int = 16, ddp: bool = True) -> Result:
     import torch
 
     from personalization.config import build_config
@@ -95,7 +95,7 @@ def measure(num_triplets: int = 320, batch: int = 16, size: int = 64, composites
             cfg = build_config(layer)
             (samples, loop_s), plain_s = timed(lambda: plain_loop(cfg))
             results = {}
-            for workers in (1, 2):
+            for workers in (1, 2) if ddp else (1,):
                 shutil.rmtree(stage_dir(cfg, "train"), ignore_errors=True)
                 cfg_w = build_config(layer, {"train": {"num_workers": workers}})
                 _, wall = timed(lambda cfg_w=cfg_w: train.run(cfg_w))
@@ -105,11 +105,12 @@ def measure(num_triplets: int = 320, batch: int = 16, size: int = 64, composites
             torch.set_num_threads(threads)
     result.add(f"plain loop, {worker} thread(s): loop", samples / loop_s, "samples/s")
     result.add("ray train, 1 worker: loop", results[1][0], "samples/s")
-    result.add("ray train, 2 workers DDP: loop", results[2][0], "samples/s")
-    result.add("2-worker DDP / plain loop", ratio(results[2][0], samples / loop_s), "")
+    if ddp:
+        result.add("ray train, 2 workers DDP: loop", results[2][0], "samples/s")
+        result.add("2-worker DDP / plain loop", ratio(results[2][0], samples / loop_s), "")
     result.add("plain script end-to-end (build + loop)", plain_s, "s")
-    result.add("train.run end-to-end, 1 worker", results[1][1], "s")
-    result.add("train.run end-to-end, 2 workers", results[2][1], "s")
+    for workers, (_, wall) in results.items():
+        result.add(f"train.run end-to-end, {workers} worker{'s' if workers > 1 else ''}", wall, "s")
     result.notes.append(
         f"MobileNetV2 (ImageNet weights) + LoRA, {size} px, batch {batch} triplets (3 x {batch} images/step), "
         f"{num_triplets} triplets, 1 epoch, InfoNCE; torch threads {worker} per worker and in the plain loop"

@@ -140,7 +140,7 @@ stop() {
   tree="$(descendants "$pid")"
   # SIGTERM to `ray start --block` makes it shut down every process it started, gracefully.
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 30); do
+  for _ in $(seq 1 10); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 1
   done
