@@ -78,7 +78,7 @@ def run(cfg: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = plan(cfg)
-    timings, partial = {}, []
+    timings = {}
     with ray_session(cfg):
         for index, (name, stage) in enumerate(stages, 1):
             log.info("[%d/%d] %s ...", index, len(stages), name)
@@ -86,8 +86,7 @@ def run(cfg: ExperimentConfig) -> Path:
             started = time.time()
             try:
                 stage(cfg)
-            except InstanceFailures as error:  # the stage's other instances committed: the run goes on without
-                partial.append(error)
+            except InstanceFailures as error:  # the other instances committed; failures.json records this one
                 print(f"[{index}/{len(stages)}] {error}", flush=True)
             timings[name] = round(time.time() - started, 1)
             print(f"[{index}/{len(stages)}] {name} done in {timings[name]:.1f} s", flush=True)

@@ -1,7 +1,8 @@
 """`personalize train`: contrastive LoRA fine-tuning of the encoder, one Ray Train run per instance.
 
 For each selected instance the driver picks the training images and samples the triplets (failing early on
-empty pools), writes them beside the run, and fits a ``TorchTrainer`` whose workers run
+empty pools), writes them beside the run, and fits a ``TorchTrainer`` (several side by side, and a failing
+instance kept to itself: pipelines.instances) whose workers run
 :func:`train_loop_per_worker`: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU) or a DeepSpeed
 ZeRO-1/2 engine. The committed ``OUT/train/<instance>/`` holds the peft adapter, ``metrics.json`` and the
 resolved config.
