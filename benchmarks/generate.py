@@ -70,7 +70,7 @@ def plain_loop(sd: str, rows: list[dict], *, steps: int, size: int, batch: int, 
     return made
 
 
-def measure(n_images: int = 80, n_filtered: int = 12, steps: int = 10, size: int = 32, batch: int = 4) -> Result:
+def measure(n_images: int = 160, n_filtered: int = 12, steps: int = 10, size: int = 32, batch: int = 4) -> Result:
     import torch
 
     from personalization.config import build_config
