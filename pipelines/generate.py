@@ -13,7 +13,6 @@ accepted images; without it, exactly ``positives_per_instance`` rows.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -145,10 +144,7 @@ def run_generation(
 
 
 def _read_instances(cfg: ExperimentConfig) -> tuple[dict[str, dict], list[str]]:
-    path = stage_dir(cfg, "ingest", "instances.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
-    instances = json.loads(path.read_text())
+    instances = common.load_instances(cfg)
     return instances, without_failed(cfg, STAGE, common.select_instances(cfg, instances))
 
 
