@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,21 +91,21 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def marginal(run: Callable[[int], int], n: int, first: int) -> tuple[float, float, float]:
-    """Steady-state throughput with fixed costs removed: ``run(first)`` once untimed (warm-up: lazy imports,
-    caches), then timed ``run(first)`` and ``run(n)`` (each returns the items it made).
+def stream_rate(stamps: Sequence[tuple[float, int]], skip: int = 1) -> float:
+    """Steady-state items/s of one stream, from ``(completion time, items done so far)`` stamps taken as it runs:
+    1 / the least-squares slope of time against items, over the stamps after the first ``skip`` (warm-up).
 
-    Returns (end-to-end items/s at ``n``, marginal items/s = (n - first) / (T_n - T_first), fixed start-up
-    seconds = T_first - first / marginal). Fixed costs (worker start, imports, model load) drop out of both
-    sides alike; they are reported beside the rate.
+    Start-up (worker start, imports, model load) comes before the first stamp, so it drops out without
+    differencing two separately timed runs; NaN when fewer than two stamps remain.
     """
-    run(first)
-    made_first, t_first = timed(lambda: run(first))
-    made, t_n = timed(lambda: run(n))
-    # Load noise larger than the extra work makes T_n <= T_first: then there is no rate to report (NaN).
-    rate = (made - made_first) / (t_n - t_first) if t_n > t_first else float("nan")
-    fixed = t_first - made_first / rate if rate > 0 else float("nan")
-    return made / t_n, rate, fixed
+    import numpy as np
+
+    kept = sorted(stamps, key=lambda stamp: stamp[1])[skip:]
+    if len(kept) < 2 or kept[-1][1] <= kept[0][1]:
+        return float("nan")
+    times, items = (np.asarray(column, float) for column in zip(*kept, strict=True))
+    slope = np.polyfit(items, times, 1)[0]  # seconds per item
+    return 1.0 / slope if slope > 0 else float("nan")
 
 
 def scratch(name: str, root: Path | None = None) -> Path:

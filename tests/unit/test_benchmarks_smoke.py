@@ -18,7 +18,7 @@ from benchmarks.__main__ import MARKER, ORDER, render, write_results  # noqa: E4
 MINIMAL = {
     "cutpaste": {"instances": 1, "composites": 2, "size": 64},
     "evaluate": {"instances": 1, "size": 64, "batch": 4},
-    "generate": {"n_images": 2, "n_filtered": 0, "steps": 1, "size": 16, "batch": 1},
+    "generate": {"n_images": 3, "n_filtered": 0, "steps": 1, "size": 16, "batch": 1, "repeats": 1},
     "train": {"num_triplets": 16, "batch": 8, "size": 32, "composites": 4, "ddp": False},
     "scale": {"counts": (1,), "size": 64, "triplets": 16, "one_at_a_time": False},
 }
@@ -39,17 +39,19 @@ def test_table_ends_with_the_headline_ratio():
     assert common.ratio(1.0, 0.0) == 0.0
 
 
-def test_marginal_removes_a_fixed_cost():
-    """A fake workload costing 0.2 s fixed + 0.01 s per item: the marginal rate is about 100 items/s."""
-    import time
+def test_stream_rate_fits_the_steady_state_and_leaves_out_start_up():
+    """Stamps of a stream: 5 s of start-up, then 0.01 s per item (100 items/s) with jitter, the first batch's
+    stamp a little late (its shard written behind the second's). The fitted rate is the steady 100 items/s,
+    not the end-to-end ~38 items/s."""
+    import random
 
-    def run(n):
-        time.sleep(0.2 + 0.01 * n)
-        return n
-
-    end_to_end, steady, fixed = common.marginal(run, 20, 2)
-    assert end_to_end < steady
-    assert 50 < steady < 110 and 0.1 < fixed < 0.5
+    rng = random.Random(0)
+    stamps = [(1005.0 + 0.04 + 0.035, 4)]
+    stamps += [(1005.0 + 0.01 * n + rng.uniform(-0.002, 0.002), n) for n in range(8, 304, 4)]
+    assert common.stream_rate(stamps) == pytest.approx(100.0, rel=0.01)
+    assert common.stream_rate(list(reversed(stamps))) == pytest.approx(100.0, rel=0.01)  # order does not matter
+    assert 300 / (stamps[-1][0] - 1000.0) < 40
+    assert math.isnan(common.stream_rate(stamps[:2]))  # one stamp left after the warm-up: no rate
 
 
 def test_results_file_keeps_the_hand_written_notes(tmp_path):
