@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from personalization.errors import MissingInputError
 from personalization.schema import SCHEMA_VERSION
 
 MANIFEST = "_manifest.json"
@@ -62,22 +63,63 @@ def input_hash(path: str | Path) -> str:
     if manifest is not None:
         return manifest["hash"]
     if not path.exists():
-        raise FileNotFoundError(f"stage input {path} does not exist; run the stage that makes it first")
+        raise MissingInputError(f"stage input {path} does not exist; run the stage that makes it first")
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    # Hidden entries (a crashed build's .tmp folders, scratch, the run lock) are not part of the content.
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
     for file in files:
         digest.update(str(file.relative_to(path.parent if path.is_file() else path)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part: a
+    temporary sibling, fsynced, renamed over ``path``, then the folder fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` (and the folders) to disk, so the manifest written after it never
+    describes data still in the page cache when the machine goes down."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        _fsync_dir(sub)
 
 
 def _remove(path: Path) -> None:
@@ -142,13 +184,15 @@ def commit_stage(
             import yaml
 
             (tmp_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(_jsonable(resolved_config), sort_keys=False))
+        fsync_tree(tmp_dir)
         if final_dir.exists():
             _remove(final_dir)
         os.replace(tmp_dir, final_dir)
+        _fsync_dir(final_dir.parent)
     except BaseException:
         _remove(tmp_dir)
         raise
-    _write_json_atomic(
+    write_json_atomic(
         final_dir / MANIFEST,
         {
             "stage": stage,

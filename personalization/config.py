@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from personalization.artifacts import write_text_atomic
 from personalization.config_layers import (
     ConfigError,
     build_dataclass,
@@ -21,6 +22,7 @@ from personalization.config_layers import (
     check_positive,
     merge,
     parse_override,
+    read_yaml,
     require,
     to_dict,
 )
@@ -333,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"--config: {path} does not exist")
         try:
-            delta = yaml.safe_load(path.read_text()) or {}
+            delta = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({error})") from error
         if not isinstance(delta, dict):
@@ -344,7 +346,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def replace(config: Any, **changes: Any) -> Any:

@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from personalization.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key, type or value that cannot work; the message names the key and the fix."""
 
 
@@ -34,21 +36,60 @@ def check_positive(value: float, key: str, allow_zero: bool = False) -> None:
     require(ok, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """An unquoted YAML scalar that YAML 1.1 reads as a non-string (``0123`` -> 83, ``1.10`` -> 1.1, ``no`` ->
+    False): both readings are kept, so a string field gets the ``text`` the user typed and any other field the
+    ``value``."""
+
+    value: Any
+    text: str
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as :func:`yaml.safe_load` reads it, except that unquoted non-string scalars become :class:`Scalar`."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    loader = yaml.SafeLoader("")
+
+    def build(node: yaml.Node) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)  # YAML merge keys (<<)
+            return {loader.construct_object(k, deep=True): build(v) for k, v in node.value}
+        if isinstance(node, yaml.SequenceNode):
+            return [build(item) for item in node.value]
+        value = loader.construct_object(node, deep=True)
+        if node.style is None and value is not None and not isinstance(value, str):
+            return Scalar(value, node.value)
+        return value
+
+    return None if node is None else build(node)
+
+
+def _literal_text(value: Any, wants_text: bool) -> Any:
+    if isinstance(value, Scalar):
+        return value.text if wants_text else value.value
+    return value
+
+
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
     """Coerce a YAML value to the field's type, or fail naming the key."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, Scalar):
+            value = value.text if value.text in choices else value.value
         require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
         return value
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(annotation)
+        value = _literal_text(value, item_type is str)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value else []
         require(isinstance(value, list | tuple), key, f"must be a list, got {value!r}")
         return tuple(_check_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union annotation for {key}")
+    value = _literal_text(value, annotation is str)
     if annotation is bool:
         require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
         return value
@@ -105,13 +146,13 @@ def merge(base: dict, delta: dict) -> dict:
 
 
 def parse_override(text: str) -> dict:
-    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is read as YAML)."""
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is read as YAML; see :func:`read_yaml`)."""
     if "=" not in text:
         raise ConfigError(f"{text}: overrides take the form key=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
     require(bool(key) and all(key.split(".")), text, "the key before '=' is empty")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = read_yaml(raw) if raw else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({error})") from error
     if value is None:

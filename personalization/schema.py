@@ -19,6 +19,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
+from personalization.errors import UserError
+
 SCHEMA_VERSION = 1
 _VERSION_KEY = b"personalization.schema_version"
 
@@ -52,7 +54,7 @@ IMAGE_SCHEMA = pa.schema(
 COLUMNS = tuple(IMAGE_SCHEMA.names)
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A table or row that does not follow the image-table contract."""
 
 

@@ -12,13 +12,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from personalization.config import ConfigError, ExperimentConfig, load_config, replace, to_dict
+from personalization.errors import MissingInputError, UserError
+from personalization.output_lock import hold_output_lock
+from personalization.paths import inside
 
 log = logging.getLogger("personalize")
 
 
 def stage_dir(cfg: ExperimentConfig, stage: str, *parts: str) -> Path:
-    """``OUT/<stage>/<parts...>``: where a stage commits its output."""
-    return Path(cfg.output_dir).joinpath(stage, *parts)
+    """``OUT/<stage>/<parts...>``: where a stage commits its output. Every part is one folder name (no ``..``,
+    no separator, not absolute), so no stage output can land outside ``output_dir``."""
+    return inside(cfg.output_dir, stage, *parts)
 
 
 def resolved(cfg: ExperimentConfig) -> dict:
@@ -102,7 +106,7 @@ def stage_main(stage: str, run: Callable[[ExperimentConfig], Path], argv: Sequen
         cfg = config_from_args(args)
     except ConfigError as error:
         parser.exit(2, f"personalize {stage}: config error: {error}\n")
-    with user_errors(stage):
+    with user_errors(stage), hold_output_lock(cfg.output_dir):
         out = run(cfg)
     print(f"{stage}: wrote {out}")
     return 0
@@ -122,16 +126,17 @@ class InstanceFailures(RuntimeError):
 
 @contextlib.contextmanager
 def user_errors(command: str) -> Iterator[None]:
-    """Bad input raises ValueError / FileNotFoundError with a message meant for the user: print it, exit 2.
+    """The project's own :class:`UserError` (bad input, config, order of stages): print its message, exit 2.
 
-    Set PERSONALIZE_DEBUG=1 to see the traceback instead.
+    Anything else is a bug and keeps its traceback (exit 1). Set PERSONALIZE_DEBUG=1 to see the traceback of a
+    user error too.
     """
     try:
         yield
     except InstanceFailures as error:  # the other instances finished: no traceback, exit 1
         print(f"personalize {command}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    except (ValueError, FileNotFoundError) as error:
+    except UserError as error:
         if os.environ.get("PERSONALIZE_DEBUG"):
             raise
         print(f"personalize {command}: error: {error}", file=sys.stderr)
@@ -160,7 +165,7 @@ def load_instances(cfg: ExperimentConfig) -> dict[str, dict]:
 
     path = stage_dir(cfg, "ingest") / "instances.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `personalize ingest` (or `personalize run`) first")
+        raise MissingInputError(f"{path} is missing: run `personalize ingest` (or `personalize run`) first")
     return json.loads(path.read_text())
 
 
@@ -170,7 +175,7 @@ def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[
     if cfg.data.instances:
         unknown = [i for i in cfg.data.instances if i not in instances]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"data.instances: {unknown} not in the dataset; known instances: {', '.join(sorted(instances)[:20])}"
             )
         chosen = list(cfg.data.instances)
@@ -179,5 +184,5 @@ def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[
     if cfg.data.max_instances:
         chosen = chosen[: cfg.data.max_instances]
     if not chosen:
-        raise ValueError("no instances selected: the dataset has no `test` instances; pass data.instances=[...]")
+        raise UserError("no instances selected: the dataset has no `test` instances; pass data.instances=[...]")
     return chosen

@@ -22,6 +22,7 @@ from PIL import Image
 from personalization import schema
 from personalization.artifacts import commit_stage
 from personalization.config import ExperimentConfig, to_dict
+from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
@@ -49,7 +50,7 @@ def _load_real_rows(images_path: Path, instance_ids: list[str]) -> pa.Table:
     have = set(table["instance_id"].to_pylist())
     missing = [i for i in instance_ids if i not in have]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{images_path}: instances {missing} have no masked train image, and Cut-and-Paste pastes the masked "
             "object. Provide masks as train_masks/<instance>/<photo stem>.png (white object on black) beside "
             "train/<instance>/ and re-run `personalize ingest`, or set cutpaste.enabled=false."
@@ -122,7 +123,7 @@ def run(cfg: ExperimentConfig) -> Path:
     images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
     for path in (images_path, instances_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
+            raise MissingInputError(f"{path} does not exist; run `personalize ingest` first")
     instances = json.loads(instances_path.read_text())
     instance_ids = select_instances(cfg, instances)
     n = cfg.cutpaste.images_per_instance if cfg.cutpaste.enabled else 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig, to_dict
+from personalization.errors import MissingInputError
 from personalization.synthesis.dreambooth import DreamboothError, check_generator_dir
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
@@ -44,7 +45,7 @@ def load_real_photos(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict
     """{instance_id: [{"image": png, "mask": png | None}]}; fails when masked DreamBooth meets a mask-less photo."""
     path = stage_dir(cfg, "ingest", "images.parquet")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run `personalize ingest` first")
+        raise MissingInputError(f"{path} does not exist; run `personalize ingest` first")
     table = schema.read_image_table(
         path, role="real_train", instance_id=list(instance_ids), columns=["instance_id", "image", "mask", "image_id"]
     )
@@ -196,7 +197,7 @@ def run(cfg: ExperimentConfig) -> Path:
     configs = {i: _instance_config(cfg, instances[i]["category"]) for i in instance_ids}
     todo = [i for i in instance_ids if not is_current(outs[i], STAGE, configs[i], inputs)]
     if not todo:
-        write_failures(cfg, STAGE, {})
+        write_failures(cfg, STAGE, {}, selected=instance_ids)
         return stage_dir(cfg, STAGE)
     with ray_session(cfg):
         class_refs = {}

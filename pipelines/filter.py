@@ -16,6 +16,7 @@ from pathlib import Path
 from personalization import schema
 from personalization.artifacts import commit_stage
 from personalization.config import ExperimentConfig, to_dict
+from personalization.errors import MissingInputError
 from personalization.filtering.embedders import check_dreamsim_cache
 from personalization.filtering.scorer import Scorer, check_real_table
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
@@ -29,7 +30,7 @@ def run(cfg: ExperimentConfig) -> Path:
     positives = stage_dir(cfg, "generate", "positives")
     real = stage_dir(cfg, "ingest", "images.parquet")
     if not positives.exists() or not schema.parquet_files(positives):
-        raise FileNotFoundError(f"{positives} holds no generated images; run `personalize generate` first")
+        raise MissingInputError(f"{positives} holds no generated images; run `personalize generate` first")
     check_dreamsim_cache(cfg.filter.cache_dir, cfg.filter.dreamsim_type)
     ids = schema.read_image_table(positives, columns=["instance_id"]).column("instance_id").to_pylist()
     check_real_table(real, set(ids))

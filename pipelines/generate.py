@@ -25,6 +25,7 @@ import pyarrow as pa
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig, to_dict
+from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
@@ -155,7 +156,7 @@ def positive_source(cfg: ExperimentConfig) -> str:
 def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, str]:
     """Everything that can be wrong, checked before any actor starts; returns {instance_id: generator folder}."""
     if cfg.generate.cfg < 1:
-        raise ValueError(f"generate.cfg={cfg.generate.cfg}: classifier-free guidance must be >= 1")
+        raise UserError(f"generate.cfg={cfg.generate.cfg}: classifier-free guidance must be >= 1")
     check_generator(cfg.dreambooth.base_model)
     if cfg.generate.prompts_file:
         load_prompts(cfg.generate.prompts_file)  # a broken prompt file fails here, before Ray starts
@@ -163,7 +164,7 @@ def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str
     for instance_id in instance_ids:
         folder = stage_dir(cfg, "dreambooth", instance_id)
         if not folder.exists():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{folder}: no personalized generator for {instance_id}; run `personalize dreambooth`"
             )
         generators[instance_id] = check_generator(str(folder))
@@ -205,8 +206,10 @@ def run_negatives(cfg: ExperimentConfig, categories: Sequence[str]) -> list[Path
     todo = [c for c in categories if not is_current(outs[c], f"{STAGE}/negatives", configs[c])]
     if not todo:
         return list(outs.values())
+    # A killed run leaves its scratch behind; this run holds output_dir's lock, so any scratch here is dead.
+    for leftover in stage_dir(cfg, STAGE).glob(".negatives-scratch-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     scratch = stage_dir(cfg, STAGE, f".negatives-scratch-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
     try:
         rows = [
             row

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig
 from pipelines.common import stage_dir
 
@@ -87,7 +88,7 @@ def run_each(
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"{stage}-instance") as pool:
             for future in as_completed([pool.submit(one, i) for i in instance_ids]):
                 future.result()  # only KeyboardInterrupt / SystemExit get here
-    write_failures(cfg, stage, failures)
+    write_failures(cfg, stage, failures, selected=instance_ids)
     return failures
 
 
@@ -102,11 +103,21 @@ def describe(error: BaseException) -> str:
     return last if last.startswith(f"{name}:") else f"{name}: {last}"
 
 
-def write_failures(cfg: ExperimentConfig, stage: str, failures: Mapping[str, str]) -> None:
+def write_failures(
+    cfg: ExperimentConfig, stage: str, failures: Mapping[str, str], selected: Sequence[str] | None = None
+) -> None:
+    """Record this call's ``failures`` for the ``selected`` instances (all of them when None), atomically.
+
+    Failures of instances outside the selection are kept: running one instance must not forget that another one
+    failed earlier. The file is removed once no failure is left.
+    """
     path = stage_dir(cfg, stage, FAILURES)
-    if failures:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(sorted(failures.items())), indent=2))
+    kept = {}
+    if selected is not None and path.is_file():
+        kept = {i: e for i, e in json.loads(path.read_text()).items() if i not in set(selected)}
+    merged = dict(sorted({**kept, **failures}.items()))
+    if merged:
+        write_json_atomic(path, merged)
     else:
         path.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig, save_config
 from pipelines.common import InstanceFailures, ray_session, stage_main
 from pipelines.instances import read_failures, upstream_of
@@ -118,7 +119,7 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
 
     if job := current_job_id():
         summary["job_id"] = job
-    (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(Path(cfg.output_dir) / "summary.json", summary)
     return summary
 
 

@@ -33,7 +33,9 @@ import torch
 
 from personalization.artifacts import hash_config, read_manifest
 from personalization.config import ConfigError, ExperimentConfig, build_config, replace, to_dict
+from personalization.errors import MissingInputError, UserError
 from personalization.evaluation.probe import ValidationProbe
+from personalization.output_lock import hold_output_lock
 from personalization.sweeps import (
     SearchSpace,
     best_row,
@@ -61,12 +63,12 @@ def choose_instance(cfg: ExperimentConfig, instances: dict[str, dict]) -> str:
     """The val instance every trial personalizes: ``data.instances=[V]`` or the first val instance."""
     val = sorted(i for i, info in instances.items() if info["split"] == "val")
     if not val:
-        raise ValueError("sweep: the dataset has no `val` instances; sweeps select settings on val instances only")
+        raise UserError("sweep: the dataset has no `val` instances; sweeps select settings on val instances only")
     if not cfg.data.instances:
         return val[0]
     wrong = [i for i in cfg.data.instances if i not in val]
     if wrong or len(cfg.data.instances) != 1:
-        raise ValueError(
+        raise UserError(
             f"sweep: data.instances={list(cfg.data.instances)}: give exactly one val instance (the sweep never "
             f"tunes on test instances); val instances: {', '.join(val)}"
         )
@@ -136,7 +138,7 @@ def run_trial(params: dict, *, base: dict, instance: str) -> None:
     if cfg.generate.enabled:
         cached = shared / "generate-cache" / generate_key(cfg, base_cfg) / "generate"
         if not cached.is_dir():
-            raise FileNotFoundError(f"sweep: no cached generate output {cached} for {params}")
+            raise MissingInputError(f"sweep: no cached generate output {cached} for {params}")
         links["generate"] = cached
     link_upstream(out, links)
     cfg = replace(cfg, output_dir=str(out))
@@ -304,7 +306,7 @@ def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
         if tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
             recorded = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
             if recorded != fingerprint:
-                raise ValueError(
+                raise UserError(
                     f"{tune_dir} holds a sweep of another space or base config; remove {tune_dir} (and "
                     f"{sweep_dir / 'trials'}) to start over, or pick another output_dir"
                 )
@@ -337,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_space(args.space, cfg)
     except ConfigError as error:
         parser.exit(2, f"personalize {STAGE}: config error: {error}\n")
-    with common.user_errors(STAGE):
+    with common.user_errors(STAGE), hold_output_lock(cfg.output_dir):
         out = run(cfg, args.space)
     print(f"{STAGE}: wrote {out}")
     return 0

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from personalization.errors import MissingInputError, UserError
 from personalization.schema import IMAGE_SCHEMA, decode_image, make_image_id, make_row, rows_to_table
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -62,7 +63,7 @@ def load_negatives_folder(negatives_dir: str | Path, category: str) -> pa.Table:
     folder = root / f"{category}_negatives"
     folder = folder if folder.is_dir() else root
     if not folder.is_dir():
-        raise FileNotFoundError(f"train.negatives_dir: {root} is not a folder of negative images")
+        raise MissingInputError(f"train.negatives_dir: {root} is not a folder of negative images")
     rows = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         with Image.open(path) as image:
@@ -120,7 +121,7 @@ def select_training_rows(
     elif train_cfg.negatives == "generated":
         negative_parts = [_where(synthetic, category=category, role="negative")]
     else:
-        raise ValueError(f"train.negatives={train_cfg.negatives!r}: use val, folder or generated")
+        raise UserError(f"train.negatives={train_cfg.negatives!r}: use val, folder or generated")
 
     schema = images.schema
     positives = pa.concat_tables([t.cast(schema) for t in positive_parts]) if positive_parts else schema.empty_table()

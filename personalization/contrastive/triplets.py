@@ -9,8 +9,10 @@ import itertools
 import random
 from collections.abc import Sequence
 
+from personalization.errors import UserError
 
-class TripletError(ValueError):
+
+class TripletError(UserError):
     """An empty or inconsistent pool of training images; the message says where the images come from."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from personalization.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_ERRORS_SHOWN = 20
 _ORIENTATION_TAG = 0x0112
@@ -39,7 +41,7 @@ _ORIENTATION_FIX = {
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset file or folder that cannot be read as asked; the message names the file and the fix."""
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from personalization.datasets.images import DatasetError, ErrorLog, check_inside, is_image_file
+from personalization.paths import NAME_RULE, is_safe_name, slugify
 
 INFO_LAYOUTS = ("pods", "dogs", "df2")
 LAYOUTS = ("auto", *INFO_LAYOUTS, "folder")
@@ -188,6 +189,17 @@ class _Annos:
         return split
 
 
+def _checked_names(names: list, where: str, errors: ErrorLog) -> list[str]:
+    """The safe instance ids of ``names``; every other one is an error naming its index (ids become folders)."""
+    kept = []
+    for index, name in enumerate(names):
+        if is_safe_name(name):
+            kept.append(name)
+        else:
+            errors.add(f"{where}[{index}] = {name!r} cannot name an output folder; use a string of {NAME_RULE}")
+    return kept
+
+
 def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
     scan = DatasetScan(root=root, layout=layout, errors=errors)
     info_path = root / info_file(layout)
@@ -211,7 +223,7 @@ def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
         errors.add(f"{annos_path}: missing; PODS needs it to know each test image's test_split")
     lookup = _Annos(annos_path, annos, required=layout == "pods")
 
-    classes = [str(c) for c in info["classes"]]
+    classes = _checked_names(info["classes"], f"{info_path}: classes", errors)
     for folder in ("train", "test", "test_dense"):
         if (root / folder).is_dir():
             for extra in sorted(p.name for p in (root / folder).iterdir() if p.is_dir()):
@@ -225,6 +237,12 @@ def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
         split = info["class_to_split"].get(instance)
         if not category:
             errors.add(f"{info_path}: class_to_sc has no category for {instance!r}")
+            continue
+        if not is_safe_name(category):
+            errors.add(
+                f"{info_path}: class_to_sc[{instance!r}] = {category!r} cannot name an output folder; use a "
+                f"string of {NAME_RULE}"
+            )
             continue
         if split not in ("val", "test"):
             errors.add(f"{info_path}: class_to_split[{instance!r}] is {split!r}; use 'val' or 'test'")
@@ -257,7 +275,13 @@ def scan_folder_layout(root: Path, category: str, instance_id: str, errors: Erro
             "(e.g. data.category=mug)"
         )
         return scan
-    instance = instance_id or root.resolve().name
+    if not is_safe_name(category):
+        errors.add(f"data.category={category!r} cannot name an output folder; use {NAME_RULE}")
+        return scan
+    if instance_id and not is_safe_name(instance_id):
+        errors.add(f"data.instance_id={instance_id!r} cannot name an output folder; use {NAME_RULE}")
+        return scan
+    instance = instance_id or slugify(root.resolve().name)
     images = list_images(root, root, errors)
     _check_train_count(instance, len(images), root, errors)
     masks = pair_masks(images, root / "masks", root, errors, required=False)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from personalization.errors import UserError
+
 # What dreamsim 0.2.1 needs in its cache per model type (its download unpacks exactly these).
 DREAMSIM_FILES = {
     "ensemble": (
@@ -30,7 +32,7 @@ DREAMSIM_FILES = {
 }
 
 
-class EmbedderError(ValueError):
+class EmbedderError(UserError):
     """A DreamSim cache or setting that cannot be used; the message names the folder and the fix."""
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from personalization.errors import UserError
+
 Box = tuple[int, int, int, int]
 
 
@@ -135,6 +137,6 @@ def build_masker(kind: str, embedder, sam_weights: str = "", device: str | None 
         return PatchMasker(embedder, threshold)
     if kind == "sam":
         if not sam_weights:
-            raise ValueError("filter.masker=sam needs filter.sam_weights (HF id or local SAM folder)")
+            raise UserError("filter.masker=sam needs filter.sam_weights (HF id or local SAM folder)")
         return SamMasker(PatchMasker(embedder, threshold), sam_weights, device)
-    raise ValueError(f"filter.masker={kind!r}: use none, patch or sam")
+    raise UserError(f"filter.masker={kind!r}: use none, patch or sam")

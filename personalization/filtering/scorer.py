@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from personalization.errors import UserError
 from personalization.filtering.embedders import DreamSimEmbedder
 from personalization.filtering.maskers import NoMasker, PatchMasker, SamMasker, build_masker, crop_box, mask_box
 from personalization.schema import decode_image, decode_mask, read_image_table
@@ -123,4 +124,4 @@ def check_real_table(path: str | Path, instance_ids: Iterable[str]) -> None:
     have = set(read_image_table(path, role="real_train", columns=["instance_id"]).column("instance_id").to_pylist())
     missing = sorted(set(instance_ids) - have)
     if missing:
-        raise ValueError(f"{path}: no real_train images for instances {missing}; run `personalize ingest` first")
+        raise UserError(f"{path}: no real_train images for instances {missing}; run `personalize ingest` first")

@@ -27,6 +27,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from personalization.config import ConfigError, ModelConfig
+from personalization.errors import MissingInputError
 from personalization.models.encoder import Encoder
 
 
@@ -107,7 +108,7 @@ def load_adapter(encoder: Encoder, adapter_dir: str | Path, trainable: bool = Fa
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{adapter_dir}: no adapter_config.json; expected a folder written by save_adapter "
             "(OUT/train/<instance_id>/)"
         )

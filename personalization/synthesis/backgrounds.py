@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
+from personalization.errors import MissingInputError, UserError
 from personalization.schema import make_image_id
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -28,7 +29,7 @@ def load_backgrounds(folder: str | Path, *, max_side: int | None = None) -> list
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"background folder {folder} does not exist; set cutpaste.backgrounds_dir to a "
             "folder of photos, or leave it empty for procedural backgrounds"
         )
@@ -45,7 +46,7 @@ def load_backgrounds(folder: str | Path, *, max_side: int | None = None) -> list
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         images.append(image)
     if not images:
-        raise ValueError(
+        raise UserError(
             f"background folder {folder} holds no readable image (looked for {', '.join(IMAGE_EXTENSIONS)}"
             " recursively); add photos of empty scenes, or leave cutpaste.backgrounds_dir empty"
         )

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from personalization.errors import UserError
 from personalization.synthesis.prompts import TOKEN
 
 log = logging.getLogger(__name__)
 MASK_FLOOR = 0.01
 
 
-class DreamboothError(ValueError):
+class DreamboothError(UserError):
     """Bad DreamBooth input; the message names what is wrong and the fix."""
 
 

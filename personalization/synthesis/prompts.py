@@ -15,6 +15,8 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from personalization.errors import UserError
+
 TOKEN = "<new1>"
 
 SCENES = (
@@ -47,7 +49,7 @@ CONTEXTS = (
 STARTS = ("a photo of", "a picture of", "an image of")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt file or prompt that cannot be used; the message names the file and the instance."""
 
 

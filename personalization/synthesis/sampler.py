@@ -9,6 +9,7 @@ generators are swapped as named adapters on one pipeline instead of reloading it
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from personalization.artifacts import read_manifest
+from personalization.errors import UserError
 from personalization.schema import encode_png, make_image_id
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ OUTPUT_COLUMNS = (
 )
 
 
-class SamplerError(ValueError):
+class SamplerError(UserError):
     """A generator, row or setting the sampler cannot use; the message says which and how to fix it."""
 
 
@@ -69,8 +72,20 @@ def check_generator(generator: str | Path) -> str:
     return str(generator)
 
 
+@functools.lru_cache(maxsize=256)
+def generator_key(generator: str) -> str:
+    """What identifies a generator in image ids, independent of where the output folder lies: a stage output's
+    manifest hash (a personalized generator), else a local folder's name, else the Hugging Face id as given."""
+    path = Path(generator)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        return f"manifest:{manifest['hash']}" if manifest else f"local:{path.name}"
+    return str(generator)
+
+
 def image_id_for(generator: str, prompt: str, seed: int, cfg: float, steps: int, size: int) -> str:
-    return make_image_id("generated", generator, prompt, int(seed), float(cfg), int(steps), int(size))
+    key = generator_key(str(generator))
+    return make_image_id("generated", key, prompt, int(seed), float(cfg), int(steps), int(size))
 
 
 def make_generation_rows(

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from personalization.errors import UserError
 from personalization.zoo.vision import VISION_BUILDERS, mobilenetv2_weights
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def build_zoo(out_dir: str | Path, parts: Sequence[str] | None = None) -> dict[s
     parts = list(PARTS if parts is None else parts)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"unknown zoo parts {unknown}; choose from {list(PARTS)}")
+        raise UserError(f"unknown zoo parts {unknown}; choose from {list(PARTS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for part in parts:

@@ -1,4 +1,6 @@
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from personalization.synthesis.sampler import (
     ImageSampler,
     SamplerError,
     check_generator,
+    image_id_for,
     make_generation_rows,
 )
 from personalization.zoo.diffusion import build_stable_diffusion
@@ -71,7 +74,9 @@ def test_rows_to_image_columns(sd_dir):
     out = sampler(_batch(rows))
     table = rows_to_table([{k: out[k][i] for k in out} for i in range(3)])  # matches the image-table schema
     assert table.num_rows == 3
-    assert out["image_id"][0] == make_image_id("generated", sd_dir, "a <new1> mug", 10, 5.0, 2, SIZE)
+    # The id names the generator by folder name, not absolute path: moving the output folder keeps every id.
+    key = f"local:{Path(sd_dir).name}"
+    assert out["image_id"][0] == make_image_id("generated", key, "a <new1> mug", 10, 5.0, 2, SIZE)
     assert len(set(out["image_id"])) == 3
     assert out["image"].dtype == object and isinstance(out["image"][0], bytes)
     assert _pixels(out["image"][0]).shape == (SIZE, SIZE, 3)
@@ -102,3 +107,16 @@ def test_bad_generator_and_cfg(sd_dir, tmp_path):
         check_generator(str(tmp_path))
     with pytest.raises(SamplerError, match="cfg"):
         make_generation_rows("m", "mug", ["a <new1> mug"], 1, generator=sd_dir, cfg=0.5)
+
+
+def test_image_ids_survive_moving_the_output_folder(tmp_path):
+    """A personalized generator is named by its manifest hash, so ids stay the same after the folder moves."""
+    from personalization.artifacts import commit_stage
+
+    first = tmp_path / "a" / "dreambooth" / "mug_1"
+    commit_stage(first, "dreambooth", {"steps": 1}, lambda tmp: (tmp / "pytorch_lora_weights.safetensors").touch())
+    moved = tmp_path / "b" / "dreambooth" / "mug_1"
+    shutil.copytree(first.parent.parent, moved.parent.parent)
+    ids = [image_id_for(str(folder), "a <new1> mug", 3, 5.0, 2, 32) for folder in (first, moved)]
+    assert ids[0] == ids[1]
+    assert ids[0] != image_id_for(str(first), "a <new1> mug", 4, 5.0, 2, 32)
