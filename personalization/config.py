@@ -107,6 +107,11 @@ class CutpasteConfig:
             )
 
 
+# Per-mode DreamBooth learning rates: the paper's full fine-tune (2e-6, constant), and the usual LoRA DreamBooth
+# recipe of diffusers (1e-4).
+DREAMBOOTH_LEARNING_RATES = {"full": 2e-6, "lora": 1e-4}
+
+
 @dataclass(frozen=True)
 class DreamboothConfig:
     """Personalizing Stable Diffusion on an instance's photos."""
@@ -116,7 +121,7 @@ class DreamboothConfig:
     mode: Literal["full", "lora"] = "full"
     masked: bool = True
     steps: int = 400
-    learning_rate: float = 2e-6
+    learning_rate: float = 0.0  # 0 = the mode's default (DREAMBOOTH_LEARNING_RATES); see effective_learning_rate
     batch_size: int = 1
     resolution: int = 512
     prior_preservation: bool = True
@@ -128,9 +133,15 @@ class DreamboothConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     use_8bit_adam: bool = True
 
+    @property
+    def effective_learning_rate(self) -> float:
+        """``learning_rate``, or the mode's default when it is 0: a LoRA needs a learning rate about 50x a full
+        fine-tune's to personalize anything in a few hundred steps."""
+        return self.learning_rate or DREAMBOOTH_LEARNING_RATES[self.mode]
+
     def validate(self) -> None:
         check_positive(self.steps, "dreambooth.steps")
-        check_positive(self.learning_rate, "dreambooth.learning_rate")
+        check_positive(self.learning_rate, "dreambooth.learning_rate", allow_zero=True)
         check_positive(self.batch_size, "dreambooth.batch_size")
         check_positive(self.resolution, "dreambooth.resolution")
         require(self.resolution % 8 == 0, "dreambooth.resolution", "must be a multiple of 8")

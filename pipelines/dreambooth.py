@@ -182,7 +182,7 @@ def _train_args(cfg: ExperimentConfig) -> dict:
         "use_8bit_adam",
         "prior_weight",
     )
-    return {k: getattr(db, k) for k in keys}
+    return {k: getattr(db, k) for k in keys} | {"learning_rate": db.effective_learning_rate}
 
 
 def run(cfg: ExperimentConfig) -> Path:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,13 +136,34 @@ def run_generation(
     from personalization.filtering.scorer import take_until_accepted
 
     batches = dataset.iter_batches(batch_size=gen.batch_size, batch_format="numpy")
-    written = 0
+    written, seen, accepted, warned = 0, Counter(), Counter(), set()
     for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold)):
         rows = schema.write_image_table(batch_to_table(batch), out_dir / f"part-{index:05d}.parquet")
         scores = [s for s in batch["score"] if s is not None]
         record_filter_batch(rows, sum(s >= cfg.filter.threshold for s in scores), stage=STAGE)
         written += rows
+        for instance_id, score in zip(batch["instance_id"], batch["score"], strict=True):
+            if score is not None:
+                seen[str(instance_id)] += 1
+                accepted[str(instance_id)] += float(score) >= cfg.filter.threshold
+        warned |= warn_low_acceptance(cfg, seen, accepted, warned)
     return written
+
+
+def warn_low_acceptance(cfg: ExperimentConfig, seen: Counter, accepted: Counter, warned: set[str]) -> set[str]:
+    """Say once per instance, while it streams, that the filter rejects nearly everything (and what to change)."""
+    from personalization.filtering.scorer import low_acceptance
+
+    low = {i: r for i, r in low_acceptance(seen, accepted).items() if i not in warned}
+    for instance_id, rate in low.items():
+        log.warning(
+            "generate: the filter accepted %d of %d images of %s (%.1f%%, threshold %.2f); at this rate it ends at "
+            "generate.max_attempts=%d short of positives. The generator may not have learned the object: raise "
+            "dreambooth.steps or dreambooth.learning_rate (now %g, mode %s), or lower filter.threshold",
+            accepted[instance_id], seen[instance_id], instance_id, 100 * rate, cfg.filter.threshold,
+            cfg.generate.max_attempts, cfg.dreambooth.effective_learning_rate, cfg.dreambooth.mode,
+        )  # fmt: skip
+    return set(low)
 
 
 def _read_instances(cfg: ExperimentConfig) -> tuple[dict[str, dict], list[str]]:

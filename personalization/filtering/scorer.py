@@ -125,3 +125,15 @@ def check_real_table(path: str | Path, instance_ids: Iterable[str]) -> None:
     missing = sorted(set(instance_ids) - have)
     if missing:
         raise UserError(f"{path}: no real_train images for instances {missing}; run `personalize ingest` first")
+
+
+def low_acceptance(
+    seen: Mapping[str, int], accepted: Mapping[str, int], *, min_rate: float = 0.02, min_seen: int = 50
+) -> dict[str, float]:
+    """{instance: acceptance rate} for the instances whose filter accepted under ``min_rate`` of at least
+    ``min_seen`` scored images: their generator is not personalized enough, or the threshold is too strict."""
+    return {
+        instance: accepted.get(instance, 0) / count
+        for instance, count in sorted(seen.items())
+        if count >= min_seen and accepted.get(instance, 0) / count < min_rate
+    }

@@ -101,6 +101,34 @@ def test_lora_output_loads_with_load_lora_weights(sd_dir, photos, tmp_path):
     assert not np.allclose(base_images, _sample(pipe))
 
 
+def test_lora_default_learning_rate_moves_the_generator_where_the_full_rate_does_not(sd_dir, photos, tmp_path):
+    """LoRA DreamBooth with the full fine-tune's 2e-6 barely changes a sample; the LoRA default (1e-4) does."""
+    from personalization.config import DreamboothConfig
+
+    images, _ = photos
+    lora_rate = DreamboothConfig(mode="lora").effective_learning_rate
+    assert (DreamboothConfig(mode="full").effective_learning_rate, lora_rate) == (2e-6, 1e-4)
+    assert DreamboothConfig(mode="lora", learning_rate=3e-5).effective_learning_rate == 3e-5
+    pipe = _pipe(sd_dir)
+    base = _sample(pipe)
+    shifts = {}
+    for rate in (2e-6, lora_rate):
+        out = tmp_path / f"lora-{rate}"
+        train_dreambooth(sd_dir, images, "mug", out, mode="lora", steps=8, learning_rate=rate, resolution=RES)
+        pipe = _pipe(sd_dir)
+        pipe.load_lora_weights(out)
+        shifts[rate] = float(np.abs(_sample(pipe) - base).mean())
+    assert shifts[lora_rate] > 10 * shifts[2e-6], shifts
+
+
+def test_low_acceptance_names_instances_whose_filter_rejects_nearly_everything():
+    from personalization.filtering.scorer import low_acceptance
+
+    seen = {"a": 200, "b": 200, "c": 10}
+    accepted = {"a": 1, "b": 60, "c": 0}
+    assert low_acceptance(seen, accepted) == {"a": 0.005}  # c: too few scored yet to judge
+
+
 def test_masked_loss_ignores_background(sd_dir):
     """A target change outside the mask moves the UNet gradient by ~w_bg^2 = (0.01/1.01)^2; inside, by a lot."""
     unet = _pipe(sd_dir).unet
