@@ -57,7 +57,14 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 def input_hash(path: str | Path) -> str:
-    """The hash that identifies an input: a stage folder's manifest hash, else the content of a file or folder."""
+    """The hash that identifies an input, read from manifests wherever there are some.
+
+    A committed stage folder: its manifest hash. A folder of committed stage folders (``OUT/generate`` with
+    ``positives/`` and ``negatives/<category>/``): a hash over its entries, each committed subfolder by its
+    manifest hash, so generated data is never read back byte by byte. Anything else (a user's folder of
+    negatives, a loose file): its content. Hidden entries (a crashed build's .tmp folders, scratch, the run
+    lock) are not part of the content.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is not None:
@@ -65,16 +72,15 @@ def input_hash(path: str | Path) -> str:
     if not path.exists():
         raise MissingInputError(f"stage input {path} does not exist; run the stage that makes it first")
     digest = hashlib.sha256()
-    # Hidden entries (a crashed build's .tmp folders, scratch, the run lock) are not part of the content.
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
-    for file in files:
-        digest.update(str(file.relative_to(path.parent if path.is_file() else path)).encode())
-        digest.update(file.read_bytes())
+    if path.is_file():
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+        return digest.hexdigest()
+    for entry in sorted(p for p in path.iterdir() if not p.name.startswith(".")):
+        digest.update(entry.name.encode())
+        digest.update(b"/" if entry.is_dir() else b":")
+        digest.update(input_hash(entry).encode())
     return digest.hexdigest()
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from personalization.artifacts import MANIFEST, RESOLVED_CONFIG, commit_stage, hash_config, is_current, read_manifest
+from personalization.artifacts import (
+    MANIFEST,
+    RESOLVED_CONFIG,
+    commit_stage,
+    hash_config,
+    input_hash,
+    is_current,
+    read_manifest,
+)
 
 
 def _writer(rows, calls):
@@ -82,3 +90,22 @@ def test_plain_file_inputs_hash_by_content(tmp_path):
     source.write_text(json.dumps({"a": ["y"]}))
     commit_stage(tmp_path / "s", "generate", {}, _writer(1, calls), inputs={"prompts": source})
     assert len(calls) == 2
+
+
+def test_folder_of_committed_stages_is_hashed_from_manifests_only(tmp_path):
+    """OUT/generate (positives/ + negatives/<category>/): each committed part counts by its manifest hash, so no
+    data file is read back; a loose folder (a user's negatives) counts by content."""
+    generate = tmp_path / "generate"
+    for part in ("positives", "negatives/mug"):
+        commit_stage(generate / part, "generate", {"part": part}, lambda tmp: (tmp / "x.parquet").write_bytes(b"1"))
+    before = input_hash(generate)
+    (generate / "positives" / "x.parquet").write_bytes(b"changed in place, manifest untouched")
+    assert input_hash(generate) == before
+    commit_stage(generate / "negatives" / "cup", "generate", {"part": "cup"}, lambda tmp: None)
+    assert input_hash(generate) != before
+    loose = tmp_path / "my_negatives"
+    loose.mkdir()
+    (loose / "a.jpg").write_bytes(b"a")
+    first = input_hash(loose)
+    (loose / "a.jpg").write_bytes(b"b")
+    assert input_hash(loose) != first
