@@ -259,7 +259,8 @@ def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool)
         source = work_dir / instance_id
         if not source.is_dir():
             raise RuntimeError(f"dreambooth: the worker for {instance_id} wrote nothing to {work_dir}")
-        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+        for entry in source.iterdir():  # a rename where it can (same file system), not a copy of the weights
+            shutil.move(entry, out_dir / entry.name)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)

@@ -12,6 +12,7 @@ Loss for one step, with latents z0 (B, 4, h, w), noise e, timestep t, prediction
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ from personalization.synthesis.prompts import TOKEN
 
 log = logging.getLogger(__name__)
 MASK_FLOOR = 0.01
+
+
+PERSONALIZED_FILE = "personalized_generator.json"  # full mode: {base_model, components, dtype}
 
 
 class DreamboothError(UserError):
@@ -166,9 +170,9 @@ def train_dreambooth(
 ) -> dict:
     """Fine-tune ``base_model`` on ``images`` and save the result in ``out_dir``.
 
-    mode="full": UNet (+ text encoder when ``train_text_encoder``) trained, a whole diffusers folder saved
-    (``StableDiffusionPipeline.from_pretrained(out_dir)``). mode="lora": a LoRA of rank ``lora_rank`` on the UNet
-    attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``); the text
+    mode="full": UNet (+ text encoder when ``train_text_encoder``) trained and saved in half precision beside a
+    reference to ``base_model`` (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
+    on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``); the text
     encoder stays frozen in LoRA mode. Mixed precision (autocast, fp16 with a grad scaler) and 8-bit Adam
     (bitsandbytes, when importable) apply on CUDA only; CPU runs in fp32 with torch AdamW.
     Returns ``{"losses": [...], "mode": mode, "path": str(out_dir)}``.
@@ -271,12 +275,18 @@ def train_dreambooth(
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"DreamBooth loss became {loss.item()} at step {step}; lower the learning rate")
         losses.append(float(loss.item()))
-    save_dreambooth(pipe, out_dir, mode)
+    save_dreambooth(pipe, out_dir, mode, base_model, ("unet", "text_encoder") if tune_text else ("unet",))
     return {"losses": losses, "mode": mode, "path": str(out_dir)}
 
 
-def save_dreambooth(pipe, out_dir: str | Path, mode: str) -> Path:
-    """Full: the whole pipeline as a diffusers folder. LoRA: UNet adapter weights in the diffusers LoRA format."""
+def save_dreambooth(pipe, out_dir: str | Path, mode: str, base_model: str | Path = "", components=("unet",)) -> Path:
+    """Save only what was trained; the frozen rest is referenced by ``base_model``, never copied.
+
+    LoRA: the UNet adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)``). Full: each trained
+    component (``unet``, ``text_encoder``) as a half-precision diffusers/transformers subfolder plus
+    ``personalized_generator.json`` naming the base; :func:`load_personalized_pipeline` puts them together (about
+    1.9 GB per object for SD 1.5 instead of a 4 GB fp32 copy of the whole pipeline).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.unet.eval()
@@ -288,6 +298,30 @@ def save_dreambooth(pipe, out_dir: str | Path, mode: str) -> Path:
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
-    else:
-        pipe.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
+    for name in components:
+        getattr(pipe, name).to("cpu", torch.float16).save_pretrained(out_dir / name, safe_serialization=True)
+    meta = {"base_model": str(base_model), "components": list(components), "dtype": "float16"}
+    (out_dir / PERSONALIZED_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def is_personalized_folder(path: str | Path) -> bool:
+    return (Path(path) / PERSONALIZED_FILE).is_file()
+
+
+def load_personalized_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
+    """A full-mode DreamBooth output as a ``StableDiffusionPipeline``: the base model with the trained components
+    of ``folder`` in place of its own."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    meta = json.loads((folder / PERSONALIZED_FILE).read_text())
+    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    parts = {name: classes[name].from_pretrained(folder / name, dtype=dtype) for name in meta["components"]}
+    try:
+        base = check_generator_dir(meta["base_model"])
+    except DreamboothError as error:
+        raise DreamboothError(f"{folder}: its base model is gone ({error}); restore it or re-run dreambooth") from None
+    return StableDiffusionPipeline.from_pretrained(base, dtype=dtype, **parts, **kwargs)

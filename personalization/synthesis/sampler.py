@@ -22,6 +22,7 @@ import torch
 from personalization.artifacts import read_manifest
 from personalization.errors import UserError
 from personalization.schema import encode_png, make_image_id
+from personalization.synthesis.dreambooth import PERSONALIZED_FILE, is_personalized_folder, load_personalized_pipeline
 
 log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -64,10 +65,11 @@ def check_generator(generator: str | Path) -> str:
     """A local generator must be a diffusers folder (model_index.json) or a LoRA folder; else a SamplerError."""
     path = Path(generator)
     if path.exists() or str(generator).startswith((".", "/", "~")):
-        if not ((path / "model_index.json").is_file() or is_lora(path)):
+        if not ((path / "model_index.json").is_file() or is_lora(path) or is_personalized_folder(path)):
             raise SamplerError(
-                f"generator {generator} is neither a diffusers folder (model_index.json) nor a LoRA folder "
-                f"({LORA_FILE}); run `personalize dreambooth` first or point at a saved pipeline"
+                f"generator {generator} is neither a diffusers folder (model_index.json), a LoRA folder "
+                f"({LORA_FILE}) nor a DreamBooth output ({PERSONALIZED_FILE}); run `personalize dreambooth` first "
+                "or point at a saved pipeline"
             )
     return str(generator)
 
@@ -165,9 +167,8 @@ class ImageSampler:
         import diffusers
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=self.dtype, safety_checker=None, requires_safety_checker=False
-        )
+        load = load_personalized_pipeline if is_personalized_folder(folder) else StableDiffusionPipeline.from_pretrained
+        pipe = load(folder, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
         scheduler_cls = getattr(diffusers, SCHEDULERS[self.scheduler])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)

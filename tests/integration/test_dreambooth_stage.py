@@ -7,7 +7,7 @@ from tiny_ingest import write_ingest
 from personalization.artifacts import read_manifest
 from personalization.config import build_config
 from personalization.schema import read_image_table
-from personalization.synthesis.dreambooth import DreamboothError
+from personalization.synthesis.dreambooth import DreamboothError, load_personalized_pipeline
 from personalization.zoo.diffusion import build_stable_diffusion
 from pipelines import dreambooth
 
@@ -51,8 +51,9 @@ def test_dreambooth_stage_trains_each_instance_and_shares_class_images(tmp_path,
         folder = out / "dreambooth" / iid
         assert read_manifest(folder) is not None
         assert len(json.loads((folder / "metrics.json").read_text())["dreambooth/loss"]) == 2
-        tuned = StableDiffusionPipeline.from_pretrained(folder)
+        tuned = load_personalized_pipeline(folder)
         assert not torch.equal(tuned.unet.conv_in.weight, base.unet.conv_in.weight)
+        assert not (folder / "vae").exists()  # the frozen parts stay with the base model
     created = read_manifest(out / "dreambooth" / "mug_1")["created"]
     dreambooth.run(cfg)  # finished: skipped
     assert read_manifest(out / "dreambooth" / "mug_1")["created"] == created

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -9,6 +10,7 @@ from personalization.synthesis.dreambooth import (
     compute_loss_weight,
     compute_masked_mse,
     generate_class_images,
+    load_personalized_pipeline,
     train_dreambooth,
 )
 from personalization.zoo.diffusion import build_stable_diffusion
@@ -79,7 +81,13 @@ def test_full_finetune_changes_unet_and_text_encoder_and_loads(sd_dir, photos, t
         resolution=RES,
     )
     assert len(result["losses"]) == 3 and all(np.isfinite(result["losses"]))
-    base, tuned = _pipe(sd_dir), _pipe(tmp_path / "db")
+    # Only what was trained is saved, in half precision; the frozen VAE and tokenizer come from the base.
+    saved = {p.name for p in (tmp_path / "db").iterdir()}
+    assert saved == {"unet", "text_encoder", "personalized_generator.json"}
+    weights = safetensors.torch.load_file(next((tmp_path / "db" / "unet").glob("*.safetensors")))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    base, tuned = _pipe(sd_dir), load_personalized_pipeline(tmp_path / "db")
+    assert tuned.unet.dtype == torch.float32
     for name in ("unet", "text_encoder"):
         before = dict(getattr(base, name).named_parameters())
         after = dict(getattr(tuned, name).named_parameters())
