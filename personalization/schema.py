@@ -207,13 +207,15 @@ def read_image_table(
 
     ``equals`` filters by column value (``role="real_train"``, ``instance_id=["a", "b"]``); ``min_score`` keeps
     rows whose filter score is at least that value (rows with no score are kept: they were never filtered).
+    Projection and filters are pushed into the Parquet reader: only the ``columns`` asked for are decoded, and
+    only the row groups that can match are read, so counting ids never loads the image bytes.
     """
     paths = [path] if isinstance(path, str | Path) else list(path)
     files = [f for p in paths for f in parquet_files(p)]
+    wanted = list(COLUMNS) if columns is None else list(columns)
+    schema = pa.schema([IMAGE_SCHEMA.field(name) for name in wanted], metadata=IMAGE_SCHEMA.metadata)
     if not files:
-        return IMAGE_SCHEMA.empty_table() if columns is None else IMAGE_SCHEMA.empty_table().select(list(columns))
-    tables = [validate_table(pq.read_table(f), where=str(f)) for f in files]
-    table = pa.concat_tables(tables)
+        return schema.empty_table()
     expression = None
     for column, value in equals.items():
         values = [value] if isinstance(value, str) else list(value)
@@ -222,8 +224,12 @@ def read_image_table(
     if min_score is not None:
         term = pads.field("score").is_null() | (pads.field("score") >= min_score)
         expression = term if expression is None else expression & term
-    if expression is not None:
-        table = pads.dataset(table).to_table(filter=expression)
-    if columns is not None:
-        table = table.select(list(columns))
-    return table
+    tables = []
+    for file in files:
+        validate_table(pq.read_schema(file).empty_table(), where=str(file))  # names, types, version: metadata only
+        table = pq.read_table(file, columns=wanted, filters=expression)
+        try:
+            tables.append(table.cast(schema))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
+            raise SchemaError(f"{file}: columns do not match the image-table types: {error}") from error
+    return pa.concat_tables(tables)
