@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from personalization import schema
-from personalization.artifacts import commit_stage
+from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
@@ -119,6 +120,8 @@ def _composite_batch(
 
 
 def run(cfg: ExperimentConfig) -> Path:
+    """Composite every selected instance; each instance commits ``OUT/cutpaste/<instance>/`` on its own as soon
+    as its composites are in, so a crash keeps the finished instances and adding one redoes only it."""
     ingest = stage_dir(cfg, "ingest")
     images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
     for path in (images_path, instances_path):
@@ -128,57 +131,80 @@ def run(cfg: ExperimentConfig) -> Path:
     instance_ids = select_instances(cfg, instances)
     n = cfg.cutpaste.images_per_instance if cfg.cutpaste.enabled else 0
     real = _load_real_rows(images_path, instance_ids) if n else None
+    out = stage_dir(cfg, STAGE)
+    _drop_single_unit_layout(out)
     inputs = {"ingest": ingest}
     if cfg.cutpaste.backgrounds_dir:
         inputs["backgrounds"] = Path(cfg.cutpaste.backgrounds_dir)
-    stage_config = {"cutpaste": to_dict(cfg.cutpaste), "seed": cfg.seed, "instances": instance_ids}
+    configs = {i: {"cutpaste": to_dict(cfg.cutpaste), "seed": cfg.seed, "instance": i} for i in instance_ids}
+    todo = [i for i in instance_ids if not is_current(out / i, STAGE, configs[i], inputs)]
+    log.info("cutpaste: %d of %d instance(s) to composite", len(todo), len(instance_ids))
+    if not todo:
+        return out
+    if n == 0:
+        log.info("cutpaste: disabled or 0 images per instance; committing empty tables")
+    blobs, backgrounds_key = _encoded_backgrounds(cfg) if n else ([], "")
+    pending: dict[str, list[pa.Table]] = {i: [] for i in todo}
 
-    def build(tmp_dir: Path) -> int:
-        if n == 0:
-            log.info("cutpaste: disabled or 0 images per instance; committing an empty table")
-            return schema.write_image_table([], tmp_dir / "empty.parquet")
-        blobs, backgrounds_key = _encoded_backgrounds(cfg)
-        items = [{"instance_id": i, "k": k} for i in instance_ids for k in range(n)]
-        log.info(
-            "cutpaste: %d composites (%d instances x %d) on %d backgrounds (%s), %d px",
-            len(items),
-            len(instance_ids),
-            n,
-            len(blobs),
-            backgrounds_key,
-            cfg.cutpaste.image_size,
+    def commit(instance_id: str) -> None:
+        table = pa.concat_tables(pending.pop(instance_id)) if n else schema.IMAGE_SCHEMA.empty_table()
+        if table.num_rows != n or pc.count_distinct(table["image_id"]).as_py() != n:
+            raise RuntimeError(f"cutpaste {instance_id}: {table.num_rows} rows, expected {n} distinct ids")
+        path = f"{instance_id}.parquet"
+        build = lambda tmp: schema.write_image_table(table, tmp / path)  # noqa: E731
+        commit_stage(
+            out / instance_id, STAGE, configs[instance_id], build, inputs=inputs, resolved_config=resolved(cfg)
         )
-        with ray_session(cfg):
-            import ray
 
-            real_ref, backgrounds_ref = ray.put(real), ray.put(blobs)
-            dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / BATCH_SIZE)))
-            dataset = dataset.map_batches(
-                _composite_batch,
-                batch_size=BATCH_SIZE,
-                batch_format="numpy",
-                fn_kwargs={
-                    "real_ref": real_ref,
-                    "backgrounds_ref": backgrounds_ref,
-                    "seed": cfg.seed,
-                    "scale_range": (cfg.cutpaste.scale_min, cfg.cutpaste.scale_max),
-                    "size": cfg.cutpaste.image_size,
-                    "backgrounds_key": backgrounds_key,
-                },
-            )
-            dataset.write_parquet(str(tmp_dir), compression="zstd")
-        table = schema.read_image_table(tmp_dir)  # validates every shard against the image-table schema
-        ids = table["image_id"]
-        if table.num_rows != len(items) or pc.count_distinct(ids).as_py() != len(items):
-            raise RuntimeError(
-                f"cutpaste wrote {table.num_rows} rows ({pc.count_distinct(ids).as_py()} distinct "
-                f"ids), expected {len(items)}"
-            )
-        log.info("cutpaste: wrote %d composites to %s", table.num_rows, tmp_dir)
-        return table.num_rows
+    if n == 0:
+        for instance_id in todo:
+            commit(instance_id)
+        return out
+    with ray_session(cfg):
+        for batch in _composite_stream(cfg, todo, n, real, blobs, backgrounds_key):
+            for instance_id in sorted(set(batch["instance_id"].to_pylist())):
+                pending[instance_id].append(batch.filter(pc.equal(batch["instance_id"], instance_id)))
+                if sum(t.num_rows for t in pending[instance_id]) >= n:
+                    commit(instance_id)
+    if pending:
+        raise RuntimeError(f"cutpaste: the stream ended before {sorted(pending)} had {n} composites each")
+    log.info("cutpaste: committed %d instance(s) under %s", len(todo), out)
+    return out
 
-    out = stage_dir(cfg, STAGE)
-    return commit_stage(out, STAGE, stage_config, build, inputs=inputs, resolved_config=resolved(cfg))
+
+def _composite_stream(cfg: ExperimentConfig, todo: list[str], n: int, real: pa.Table, blobs: list[bytes], key: str):
+    """Composite tables as Ray Data makes them (streaming: the driver holds only the instances in flight)."""
+    import ray
+
+    items = [{"instance_id": i, "k": k} for i in todo for k in range(n)]
+    log.info(
+        "cutpaste: %d composites (%d instances x %d) on %d backgrounds (%s), %d px",
+        len(items), len(todo), n, len(blobs), key, cfg.cutpaste.image_size,
+    )  # fmt: skip
+    real_ref, backgrounds_ref = ray.put(real.filter(pc.is_in(real["instance_id"], pa.array(todo)))), ray.put(blobs)
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / BATCH_SIZE)))
+    dataset = dataset.map_batches(
+        _composite_batch,
+        batch_size=BATCH_SIZE,
+        batch_format="numpy",
+        fn_kwargs={
+            "real_ref": real_ref,
+            "backgrounds_ref": backgrounds_ref,
+            "seed": cfg.seed,
+            "scale_range": (cfg.cutpaste.scale_min, cfg.cutpaste.scale_max),
+            "size": cfg.cutpaste.image_size,
+            "backgrounds_key": key,
+        },
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield schema.validate_table(batch, where="cutpaste batch")
+
+
+def _drop_single_unit_layout(out: Path) -> None:
+    """Older runs committed OUT/cutpaste as one unit (a manifest at its top): replace it by per-instance units."""
+    if read_manifest(out) is not None:
+        log.info("cutpaste: %s holds the one-unit layout of an older run; rebuilding it per instance", out)
+        shutil.rmtree(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,8 +76,12 @@ def test_cutpaste_stage_end_to_end(ray_local, tmp_path):
     cfg = config(tmp_path / "one")
     out = cutpaste.run(cfg)
     assert out == tmp_path / "one" / "cutpaste"
-    manifest = read_manifest(out)
-    assert manifest["stage"] == "cutpaste" and manifest["rows"] == 9  # mug_a, mug_b, mug_v x 3
+    # One committed unit per instance: mug_a, mug_b and the same-category val instance mug_v, 3 composites each.
+    manifests = {i: read_manifest(out / i) for i in ("mug_a", "mug_b", "mug_v")}
+    assert {m["stage"] for m in manifests.values()} == {"cutpaste"} and [m["rows"] for m in manifests.values()] == [
+        3
+    ] * 3
+    assert read_manifest(out) is None and not (out / "shoe_v").exists()
     files = schema.parquet_files(out)
     expected_types = [(field.name, field.type) for field in schema.IMAGE_SCHEMA]
     assert files and all([(f.name, f.type) for f in pq.read_schema(path)] == expected_types for path in files)
@@ -93,8 +97,8 @@ def test_cutpaste_stage_end_to_end(ray_local, tmp_path):
         image, mask = schema.decode_image(r["image"]), schema.decode_mask(r["mask"])
         assert image.size == (r["width"], r["height"]) == (48, 48) and mask.shape == (48, 48) and mask.any()
 
-    # Skipped on a second run: the manifest is untouched.
-    assert cutpaste.run(cfg) == out and read_manifest(out) == manifest
+    # Skipped on a second run: the manifests are untouched.
+    assert cutpaste.run(cfg) == out and {i: read_manifest(out / i) for i in manifests} == manifests
 
     # A fresh output folder gives the same ids and the same pixels (per-composite seeds, any worker order).
     write_ingest(tmp_path / "two")
@@ -140,4 +144,22 @@ def test_disabled_stage_commits_an_empty_table(tmp_path):
     write_ingest(tmp_path)
     cfg = build_config({"output_dir": str(tmp_path), "data": {"instances": ["shoe_x"]}, "cutpaste": {"enabled": False}})
     out = cutpaste.run(cfg)
-    assert read_manifest(out)["rows"] == 0 and schema.read_image_table(out).num_rows == 0
+    assert read_manifest(out / "shoe_x")["rows"] == 0 and schema.read_image_table(out).num_rows == 0
+
+
+def test_each_instance_commits_alone_so_a_rerun_redoes_only_what_is_missing(ray_local, tmp_path):
+    """Adding an instance, or losing one to a crash before its manifest, redoes only that instance."""
+    write_ingest(tmp_path)
+    out = cutpaste.run(config(tmp_path, include_val=False, images_per_instance=2))
+    only_a = build_config(
+        {"output_dir": str(tmp_path), "seed": 5, "data": {"instances": ["mug_a"]},
+         "cutpaste": {"images_per_instance": 2, "image_size": 48, "include_val": False}}
+    )  # fmt: skip
+    before = {i: read_manifest(out / i) for i in ("mug_a", "mug_b")}
+    (out / "mug_b" / "_manifest.json").unlink()  # mug_b's build was cut short: no manifest, as after a crash
+    cutpaste.run(only_a)  # a run of mug_a alone leaves mug_b's remains for the run that selects it
+    assert read_manifest(out / "mug_a") == before["mug_a"]
+    cutpaste.run(config(tmp_path, include_val=False, images_per_instance=2))
+    assert read_manifest(out / "mug_a") == before["mug_a"]  # untouched: not redone
+    assert read_manifest(out / "mug_b")["rows"] == 2  # redone and committed
+    assert schema.read_image_table(out).num_rows == 4

@@ -24,8 +24,13 @@ def _leftovers(out):
     return sorted(str(p.relative_to(out)) for p in out.rglob("*tmp-*"))
 
 
-def _shards(folder):
-    return sorted(p.name for p in folder.glob("*.parquet"))
+def _state(folder):
+    """{instance: (shard names, manifest mtime)} over the per-instance units of a stage folder."""
+    return {
+        unit.name: (sorted(p.name for p in unit.glob("*.parquet")), (unit / "_manifest.json").stat().st_mtime_ns)
+        for unit in sorted(folder.iterdir())
+        if unit.is_dir() and not unit.name.startswith(".")
+    }
 
 
 def test_resubmitted_job_adds_no_duplicates_and_leaves_nothing_partial(ray_local, toy, tmp_path, capsys):
@@ -34,28 +39,30 @@ def test_resubmitted_job_adds_no_duplicates_and_leaves_nothing_partial(ray_local
     for stage in ("ingest", "cutpaste"):
         assert _main(capsys, stage, *args, "cutpaste.images_per_instance=4")[0] == 0
     folder = out / "cutpaste"
-    first = (_shards(folder), (folder / "_manifest.json").stat().st_mtime_ns)
+    first = _state(folder)
     instances = len(read_image_table(out / "ingest", columns=["instance_id"]).column("instance_id").unique())
+    assert len(first) == instances
 
     # The same job again: skipped, byte for byte.
     assert _main(capsys, "cutpaste", *args, "cutpaste.images_per_instance=4")[0] == 0
-    assert (_shards(folder), (folder / "_manifest.json").stat().st_mtime_ns) == first
+    assert _state(folder) == first
 
     # A crashed earlier build left a temp folder with a shard in it; the job is resubmitted with other settings.
-    crashed = out / ".cutpaste.tmp-crashed"
+    unit = sorted(first)[0]
+    crashed = folder / f".{unit}.tmp-crashed"
     crashed.mkdir()
     (crashed / "part-0.parquet").write_bytes(b"half a shard")
     assert _main(capsys, "cutpaste", *args, "cutpaste.images_per_instance=6")[0] == 0
     table = read_image_table(folder)
     ids = table["image_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 6 * instances == read_manifest(folder)["rows"]
+    assert len(ids) == len(set(ids)) == 6 * instances == sum(read_manifest(folder / i)["rows"] for i in first)
     assert _leftovers(out) == []
 
     # A committed folder that lost its manifest (killed between rename and manifest) is redone, not trusted.
-    (folder / "_manifest.json").unlink()
+    (folder / unit / "_manifest.json").unlink()
     assert _main(capsys, "cutpaste", *args, "cutpaste.images_per_instance=6")[0] == 0
     again = read_image_table(folder)
-    assert sorted(again["image_id"].to_pylist()) == sorted(ids) and read_manifest(folder)["rows"] == len(ids)
+    assert sorted(again["image_id"].to_pylist()) == sorted(ids) and read_manifest(folder / unit)["rows"] == 6
     assert _leftovers(out) == []
 
 
