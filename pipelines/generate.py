@@ -18,13 +18,14 @@ import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from personalization import schema
-from personalization.artifacts import commit_stage, is_current
+from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.prompts import build_prompts, load_prompts
@@ -92,10 +93,12 @@ def run_generation(
     base_model: str,
     scorer_kwargs: dict | None = None,
     needed: dict[str, int] | None = None,
+    sink: Callable[[pa.Table], None] | None = None,
 ) -> int:
-    """Rows -> images (-> scores) -> Parquet shards in ``out_dir``; returns the rows written.
+    """Rows -> images (-> scores) -> Parquet shards in ``out_dir`` (or each batch to ``sink``); returns the rows.
 
     ``needed`` (with a scorer): stop the stream once each instance has that many rows scoring >= the threshold.
+    ``sink``: the stream's batches, in order, as schema-typed tables (the caller commits per instance).
     """
     import ray
 
@@ -129,7 +132,7 @@ def run_generation(
             num_gpus=scorer_gpus(cfg, gpus),
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    if needed is None:
+    if needed is None and sink is None:
         # Distributed write; all-null columns (mask, unscored score) land as Arrow nulls, cast on read.
         dataset.write_parquet(str(out_dir), compression="zstd")
         return schema.read_image_table(out_dir, columns=["image_id"]).num_rows
@@ -137,8 +140,13 @@ def run_generation(
 
     batches = dataset.iter_batches(batch_size=gen.batch_size, batch_format="numpy")
     written, seen, accepted, warned = 0, Counter(), Counter(), set()
-    for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold)):
-        rows = schema.write_image_table(batch_to_table(batch), out_dir / f"part-{index:05d}.parquet")
+    for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold) if needed else batches):
+        table = batch_to_table(batch)
+        if sink is not None:
+            sink(table)
+            rows = table.num_rows
+        else:
+            rows = schema.write_image_table(table, out_dir / f"part-{index:05d}.parquet")
         scores = [s for s in batch["score"] if s is not None]
         record_filter_batch(rows, sum(s >= cfg.filter.threshold for s in scores), stage=STAGE)
         written += rows
@@ -268,21 +276,43 @@ def run_negatives(cfg: ExperimentConfig, categories: Sequence[str]) -> list[Path
 def run_positives(
     cfg: ExperimentConfig, instances: dict[str, dict], instance_ids: list[str], generators: dict[str, str]
 ) -> Path:
+    """OUT/generate/positives/<instance>/: each instance commits on its own as soon as it has its positives.
+
+    One stream serves many instances (LoRA generators share a pipeline), so the stream's batches are spread to
+    per-instance scratch folders on disk as they arrive (the driver holds one batch), and an instance commits
+    once it has ``positives_per_instance`` accepted rows (or, unfiltered, rows). A crash keeps every committed
+    instance; adding or retrying one instance generates only for it.
+    """
     gen = cfg.generate
     categories = {i: instances[i]["category"] for i in instance_ids}
     prompts = build_prompts(categories, gen.prompts_file, n=gen.num_prompts, seed=cfg.seed)
     filtered = cfg.filter.enabled
     per_instance = gen.max_attempts if filtered else gen.positives_per_instance
-    stage_config = {
-        "sampling": _sampling_config(cfg),
-        "generate": to_dict(gen),
-        "prompts": prompts,
-        "filter": to_dict(cfg.filter) if filtered else None,
-        "source": positive_source(cfg),
+    out = stage_dir(cfg, STAGE, "positives")
+    _drop_single_unit_layout(out)
+    configs = {
+        i: {
+            "sampling": _sampling_config(cfg),
+            "generate": to_dict(gen),
+            "prompts": prompts[i],
+            "filter": to_dict(cfg.filter) if filtered else None,
+            "source": positive_source(cfg),
+            "instance": i,
+        }
+        for i in instance_ids
     }
-    inputs = {f"dreambooth/{i}": Path(g) for i, g in generators.items()}
-    if filtered:
-        inputs["ingest"] = stage_dir(cfg, "ingest")
+    inputs = {i: {"dreambooth": Path(generators[i])} | ({"ingest": stage_dir(cfg, "ingest")} if filtered else {})
+              for i in instance_ids}  # fmt: skip
+    todo = [i for i in instance_ids if not is_current(out / i, f"{STAGE}/positives", configs[i], inputs[i])]
+    log.info("generate: positives for %d of %d instance(s)", len(todo), len(instance_ids))
+    if not todo:
+        return out
+    for leftover in out.glob(".*.partial"):  # a killed run's scratch (this run holds output_dir's lock)
+        shutil.rmtree(leftover)
+    units = PositiveUnits(out, todo, cfg, configs, inputs, needed=gen.positives_per_instance, filtered=filtered)
+    if gen.positives_per_instance == 0:
+        units.commit_all()
+        return out
 
     def rows_for(instance_id: str) -> list[dict]:
         return make_generation_rows(
@@ -298,33 +328,93 @@ def run_positives(
             instance_split=instances[instance_id]["split"],
         )
 
-    def build(tmp_dir: Path) -> int:
-        if gen.positives_per_instance == 0:
-            return schema.write_image_table([], tmp_dir / "empty.parquet")
-        # LoRA generators share one pipeline (adapters swap), so their rows interleave in one stream; a full
-        # generator is a whole pipeline, so each of those instances streams on its own.
-        lora = [i for i in instance_ids if Path(generators[i], "pytorch_lora_weights.safetensors").is_file()]
-        groups = [lora] if lora else []
-        groups += [[i] for i in instance_ids if i not in lora]
-        written = 0
-        with ray_session(cfg):
-            for part, group in enumerate(groups):
-                per = [rows_for(i) for i in group]
-                rows = [r for k in range(per_instance) for rs in per for r in rs[k : k + 1]]
-                needed = {i: gen.positives_per_instance for i in group} if filtered else None
-                log.info("generate: %d rows for %s (filter %s)", len(rows), group, "on" if filtered else "off")
-                written += run_generation(
-                    cfg,
-                    rows,
-                    tmp_dir / f"group-{part:04d}",
-                    base_model=cfg.dreambooth.base_model,
-                    scorer_kwargs=scorer_kwargs(cfg) if filtered else None,
-                    needed=needed,
-                )
-        return written
+    # LoRA generators share one pipeline (adapters swap), so their rows interleave in one stream; a full
+    # generator is a whole pipeline, so each of those instances streams on its own.
+    lora = [i for i in todo if Path(generators[i], "pytorch_lora_weights.safetensors").is_file()]
+    groups = ([lora] if lora else []) + [[i] for i in todo if i not in lora]
+    with ray_session(cfg):
+        for group in groups:
+            per = [rows_for(i) for i in group]
+            rows = [r for k in range(per_instance) for rs in per for r in rs[k : k + 1]]
+            needed = {i: gen.positives_per_instance for i in group} if filtered else None
+            log.info("generate: %d rows for %s (filter %s)", len(rows), group, "on" if filtered else "off")
+            run_generation(
+                cfg,
+                rows,
+                out,
+                base_model=cfg.dreambooth.base_model,
+                scorer_kwargs=scorer_kwargs(cfg) if filtered else None,
+                needed=needed,
+                sink=units.add,
+            )
+            units.commit_all(group)  # what the stream ended with (max_attempts reached): committed as it is
+    return out
 
-    out = stage_dir(cfg, STAGE, "positives")
-    return commit_stage(out, f"{STAGE}/positives", stage_config, build, inputs=inputs, resolved_config=resolved(cfg))
+
+class PositiveUnits:
+    """Per-instance scratch folders that fill from a stream and commit once an instance has what it needs."""
+
+    def __init__(self, out: Path, instance_ids, cfg: ExperimentConfig, configs, inputs, *, needed: int, filtered):
+        self.out, self.cfg, self.configs, self.inputs = out, cfg, configs, inputs
+        self.needed, self.filtered = needed, filtered
+        self.counts = dict.fromkeys(instance_ids, 0)  # accepted rows (all rows when unfiltered)
+        self.shards = dict.fromkeys(instance_ids, 0)
+
+    def scratch(self, instance_id: str) -> Path:
+        return self.out / f".{instance_id}.partial"
+
+    def add(self, table: pa.Table) -> None:
+        for instance_id in sorted(set(table["instance_id"].to_pylist()) & set(self.counts)):
+            part = table.filter(pc.equal(table["instance_id"], instance_id))
+            folder = self.scratch(instance_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            schema.write_image_table(part, folder / f"part-{self.shards[instance_id]:05d}.parquet")
+            self.shards[instance_id] += 1
+            scores = part["score"].to_pylist()
+            threshold = self.cfg.filter.threshold
+            self.counts[instance_id] += (
+                sum(s is not None and s >= threshold for s in scores) if self.filtered else len(scores)
+            )
+            if self.counts[instance_id] >= self.needed:
+                self.commit(instance_id)
+
+    def commit(self, instance_id: str) -> None:
+        scratch = self.scratch(instance_id)
+
+        def build(tmp: Path) -> int:
+            if not scratch.is_dir():
+                return schema.write_image_table([], tmp / "empty.parquet")
+            for shard in sorted(scratch.glob("*.parquet")):
+                shard.rename(tmp / shard.name)
+            return schema.read_image_table(tmp, columns=["image_id"]).num_rows
+
+        commit_stage(
+            self.out / instance_id,
+            f"{STAGE}/positives",
+            self.configs[instance_id],
+            build,
+            inputs=self.inputs[instance_id],
+            resolved_config=resolved(self.cfg),
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+        del self.counts[instance_id]
+        log.info("generate: committed positives of %s", instance_id)
+
+    def commit_all(self, instance_ids=None) -> None:
+        for instance_id in [i for i in (instance_ids or list(self.counts)) if i in self.counts]:
+            if self.filtered and self.counts[instance_id] < self.needed:
+                log.warning(
+                    "generate: %s ends with %d of %d accepted positives (generate.max_attempts reached)",
+                    instance_id, self.counts[instance_id], self.needed,
+                )  # fmt: skip
+            self.commit(instance_id)
+
+
+def _drop_single_unit_layout(out: Path) -> None:
+    """Older runs committed all positives as one unit (a manifest at the top): rebuild them per instance."""
+    if read_manifest(out) is not None:
+        log.info("generate: %s holds the one-unit layout of an older run; rebuilding it per instance", out)
+        shutil.rmtree(out)
 
 
 def run(cfg: ExperimentConfig) -> Path:

@@ -105,6 +105,18 @@ def test_generate_writes_positives_and_shared_negatives(workspace, ray_local):
     again = read_image_table(out / "generate")
     assert {r["image_id"]: r["image"] for r in again.to_pylist()} == before
 
+    # Each instance's positives are a unit of their own: one lost to a crash (no manifest, a scratch folder
+    # left behind) is generated again alone, and the others are not touched.
+    units = {i: read_manifest(out / "generate" / "positives" / i) for i in INSTANCES}
+    assert [m["rows"] for m in units.values()] == [3, 3, 3]
+    (out / "generate" / "positives" / "mug_2" / "_manifest.json").unlink()
+    (out / "generate" / "positives" / ".mug_2.partial").mkdir()
+    generate.run(cfg)
+    assert all(read_manifest(out / "generate" / "positives" / i) == units[i] for i in ("mug_1", "shoe_1"))
+    assert read_manifest(out / "generate" / "positives" / "mug_2")["rows"] == 3
+    assert not (out / "generate" / "positives" / ".mug_2.partial").exists()
+    assert {r["image_id"]: r["image"] for r in read_image_table(out / "generate").to_pylist()} == before
+
 
 def test_bad_input_fails_before_any_actor(workspace, tmp_path):
     sd, out = workspace
