@@ -229,8 +229,11 @@ class TrainConfig:
     num_negatives: int = 0  # negatives to sample from; 0 = all
     num_pairs: int = 0  # distinct anchor-positive pairs; 0 = unconstrained
     positive_sources: tuple[str, ...] = ("cutpaste",)  # cutpaste, dreambooth, masked_dreambooth, real
-    negatives: Literal["val", "folder", "generated"] = "val"
-    negatives_dir: str = ""
+    # auto = generated when generation is on, else the dataset's val instances of the category, else
+    # negatives_dir, else the stock photos when stock_negatives (pipelines/train.py: resolve_negatives).
+    negatives: Literal["auto", "val", "folder", "generated", "stock"] = "auto"
+    negatives_dir: str = ""  # photos that do not show the object (<category>_negatives/ inside, or flat)
+    stock_negatives: bool = False  # let auto fall back to generic real photos shipped with scikit-image
     learning_rate: float = 3e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -267,6 +270,12 @@ class TrainConfig:
                 bool(self.negatives_dir) and Path(self.negatives_dir).is_dir(),
                 "train.negatives_dir",
                 "negatives=folder needs train.negatives_dir=DIR holding category images",
+            )
+        if self.negatives_dir:
+            require(
+                Path(self.negatives_dir).is_dir(),
+                "train.negatives_dir",
+                f"{self.negatives_dir} is not a folder; point it at photos that do not show your object",
             )
 
 

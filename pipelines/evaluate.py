@@ -5,6 +5,8 @@ Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<in
 - ``metrics.json``: ``{"pretrained": {key: mean}, "personalized": {key: mean}, "per_instance": {id: {"pretrained":
   {...}, "personalized": {...}}}}`` with keys ``classification/pr_auc``, ``retrieval/{ndcg,mrr,top10}``,
   ``detection/{ap,ap50}``, ``segmentation/{ap,ap50}`` (the tasks in ``evaluate.tasks``). Means skip NaN.
+  Instances without test images (a plain folder of a user's photos) are not measured: ``"skipped": {id:
+  reason}`` and a one-line ``"note"`` say so, and with none left to measure the metrics are empty (no error).
 - ``pr_curves.json``: ``{model: {instance: {"precision": [...], "recall": [...]}}}``.
 - ``predictions.json``: ``{model: {instance: [{"image_id", "box", "score"}]}}`` (dense tasks).
 - ``examples/*.png`` + ``mask_examples.json``: ``[{"caption", "image", "mask"}]`` for the report.
@@ -33,6 +35,7 @@ import pyarrow.compute as pc
 from personalization import schema
 from personalization.artifacts import commit_stage, read_manifest
 from personalization.config import ExperimentConfig, to_dict
+from personalization.errors import MissingInputError, UserError
 from personalization.evaluation.classification import compute_pr_curve, evaluate_classification
 from personalization.evaluation.coco import evaluate_coco
 from personalization.evaluation.dense import DensePrediction
@@ -347,7 +350,7 @@ def run(cfg: ExperimentConfig) -> Path:
     ingest = stage_dir(cfg, "ingest")
     images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
     if not images_path.exists() or not instances_path.exists():
-        raise FileNotFoundError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
+        raise MissingInputError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
     instances_info = json.loads(instances_path.read_text())
     instances = without_failed(cfg, STAGE, common.select_instances(cfg, instances_info))
     adapters = {i: stage_dir(cfg, "train", i) for i in instances}
@@ -355,38 +358,63 @@ def run(cfg: ExperimentConfig) -> Path:
         i for i, path in adapters.items() if read_manifest(path) is None and not (path / "adapter_config.json").exists()
     ]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no personalized encoder for {missing} under {stage_dir(cfg, 'train')}; run `personalize train` first"
         )
     tables = _load_tables(images_path, instances_info)
     have_test = set(tables["test"]["instance_id"].to_pylist())
-    lacking = [i for i in instances if i not in have_test]
-    if lacking:
-        raise ValueError(
-            f"{images_path}: instances {lacking} have no real_test image to evaluate on; give them test "
-            "photos (test/<instance>/) and re-run `personalize ingest`, or leave them out of data.instances"
-        )
+    skipped = {i: "no test images" for i in instances if i not in have_test}
+    evaluated = [i for i in instances if i in have_test]
+    if skipped:
+        log.info("evaluate: %s", skip_note(skipped))
     if any(t in DENSE_TASKS for t in cfg.evaluate.tasks):
         masked = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
-        unmasked = sorted(set(instances) - set(masked["instance_id"].to_pylist()))
+        unmasked = sorted(set(evaluated) - set(masked["instance_id"].to_pylist()))
         if unmasked:
-            raise ValueError(
+            raise UserError(
                 f"{images_path}: instances {unmasked} have no masked train image, and detection/segmentation take "
                 "the reference from the object's mask; add train_masks/<instance>/ and re-run `personalize ingest`, "
                 "or drop detection and segmentation from evaluate.tasks"
             )
     config = {"model": to_dict(cfg.model), "evaluate": to_dict(cfg.evaluate), "instances": instances}
     inputs = {"ingest": ingest, **{f"train/{i}": path for i, path in adapters.items()}}
+
+    def make(tmp: Path) -> int:
+        count = build(cfg, tmp, evaluated, adapters, tables) if evaluated else write_empty(tmp)
+        if skipped:  # the instances without test images: listed, with the one-line note, beside the metrics
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            metrics.update(skipped=skipped, note=skip_note(skipped))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return count
+
+    if not evaluated:  # nothing to embed: no Ray needed
+        return commit_stage(stage_dir(cfg, STAGE), STAGE, config, make, inputs=inputs, resolved_config=resolved(cfg))
     with ray_session(cfg):
-        return commit_stage(
-            stage_dir(cfg, STAGE),
-            STAGE,
-            config,
-            lambda tmp: build(cfg, tmp, instances, adapters, tables),
-            inputs=inputs,
-            resolved_config=resolved(cfg),
-        )
+        return commit_stage(stage_dir(cfg, STAGE), STAGE, config, make, inputs=inputs, resolved_config=resolved(cfg))
+
+
+def skip_note(skipped: dict[str, str]) -> str:
+    return (
+        f"Benchmark metrics skipped for {', '.join(sorted(skipped))}: no test images (every photo of a plain "
+        "folder trains the encoder; a PODS-style test/ folder is what evaluate measures on)."
+    )
+
+
+def write_empty(out: Path) -> int:
+    """The outputs of an evaluation with no instance to measure: empty metrics, curves and examples."""
+    (out / "metrics.json").write_text(json.dumps({"pretrained": {}, "personalized": {}, "per_instance": {}}))
+    (out / "pr_curves.json").write_text(json.dumps({"pretrained": {}, "personalized": {}}))
+    (out / "predictions.json").write_text(json.dumps({"pretrained": {}, "personalized": {}}))
+    (out / "mask_examples.json").write_text("[]")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(STAGE, run, argv)
+    def run_and_note(cfg: ExperimentConfig) -> Path:
+        out = run(cfg)
+        note = json.loads((out / "metrics.json").read_text()).get("note")
+        if note:
+            print(f"{STAGE}: {note}")
+        return out
+
+    return stage_main(STAGE, run_and_note, argv)

@@ -42,6 +42,24 @@ def _samples(out: Path, instances: list[str]) -> list[tuple[str, bytes]]:
     return samples
 
 
+def _derived_masks(out: Path) -> list[tuple[str, bytes, bytes]]:
+    """(caption, photo, mask) of each mask ingest derived (``OUT/ingest/derived_masks.json``), in that order."""
+    listing = out / "ingest" / "derived_masks.json"
+    if not listing.is_file():
+        return []
+    records = json.loads(listing.read_text())
+    ids = [r["image_id"] for r in records]
+    columns = ["image_id", "image", "mask"]
+    table = schema.read_image_table(out / "ingest" / "images.parquet", columns=columns, image_id=ids)
+    found = {r["image_id"]: (r["image"], r["mask"]) for r in table.to_pylist()}
+    shown = []
+    for record in records:
+        if record["image_id"] in found:
+            how = "FAILED, box used" if record["fallback"] else f"GrabCut from {record['box_from']} box"
+            shown.append((f"{record['file']} ({how})", *found[record["image_id"]]))
+    return shown
+
+
 def current_job_id() -> str | None:
     """The Ray Job id when this driver runs as a submitted job (``ray job submit`` / ``personalize --address``)."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -60,6 +78,15 @@ def build_report(cfg: ExperimentConfig, summary: dict) -> Path:
         notes.append(f"Ray Job {job}")
     for instance, failure in sorted(summary.get("failed", {}).items()):
         notes.append(f"FAILED {instance} in {failure['stage']} (left out of the metrics): {failure['error']}")
+    if summary.get("note"):
+        notes.append(summary["note"])
+    if summary.get("negatives") == "stock":
+        notes.append(
+            "Negatives: stock photos (generic real photos shipped with scikit-image), easy negatives; photos of "
+            "other objects of the category (train.negatives_dir=DIR) teach finer distinctions."
+        )
+    if derived := summary.get("derived_masks"):
+        notes.append(f"{len(derived)} photo(s) had no mask: GrabCut derived one (shown below; check them).")
     if cfg.generate.enabled and "zoo" in (cfg.dreambooth.base_model + cfg.generate.prompts_file):
         notes.append("Generated images come from the tiny random zoo models: they are noise, by design.")
     return write_report(
@@ -67,6 +94,7 @@ def build_report(cfg: ExperimentConfig, summary: dict) -> Path:
         {"name": cfg.name, **summary["metrics"], "per_instance": summary["per_instance"]},
         loss_history=_loss_history(out, summary["instances"]),
         sample_images=_samples(out, summary["instances"]),
+        derived_masks=_derived_masks(out),
         notes=notes,
         **load_evaluation_outputs(out / "evaluate"),
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig, save_config
+from personalization.errors import UserError
 from pipelines.common import InstanceFailures, ray_session, stage_main
 from pipelines.instances import read_failures, upstream_of
 
@@ -55,22 +56,23 @@ def check_before_start(cfg: ExperimentConfig) -> None:
     from personalization.models import BACKBONES
 
     if not cfg.data.root:
-        raise ValueError("data.root: pass data.root=DIR (a PODS-layout dataset or a folder of your object's photos)")
+        raise UserError("data.root: pass data.root=DIR (a PODS-layout dataset or a folder of your object's photos)")
     if cfg.model.backbone not in BACKBONES:
-        raise ValueError(f"model.backbone: {cfg.model.backbone!r} is not one of {sorted(BACKBONES)}")
+        raise UserError(f"model.backbone: {cfg.model.backbone!r} is not one of {sorted(BACKBONES)}")
     for source in cfg.train.positive_sources:
         if source == "cutpaste" and not cfg.cutpaste.enabled:
-            raise ValueError("train.positive_sources has cutpaste but cutpaste.enabled=false: enable it or drop it")
+            raise UserError("train.positive_sources has cutpaste but cutpaste.enabled=false: enable it or drop it")
         if source in ("dreambooth", "masked_dreambooth"):
             if not cfg.generate.enabled:
-                raise ValueError(f"train.positive_sources has {source} but generate.enabled=false: enable generation")
+                raise UserError(f"train.positive_sources has {source} but generate.enabled=false: enable generation")
             if (source == "masked_dreambooth") != cfg.dreambooth.masked:
-                raise ValueError(
+                raise UserError(
                     f"train.positive_sources has {source} but dreambooth.masked={cfg.dreambooth.masked} makes "
                     f"{'masked_dreambooth' if cfg.dreambooth.masked else 'dreambooth'} images: make them agree"
                 )
-    if cfg.train.negatives == "generated" and not cfg.generate.enabled:
-        raise ValueError("train.negatives=generated needs generate.enabled=true (or negatives=val / folder)")
+    from pipelines.train import resolve_negatives
+
+    resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage
 
 
 def run(cfg: ExperimentConfig) -> Path:
@@ -105,16 +107,29 @@ def run(cfg: ExperimentConfig) -> Path:
 
 
 def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
-    metrics = json.loads((Path(cfg.output_dir) / "evaluate" / "metrics.json").read_text())
+    """``OUT/summary.json``: the instances (trained; evaluated or skipped), failures, metrics and stage times.
+
+    An instance with no test images is trained but not evaluated: it is listed under ``skipped`` and ``note``
+    says so (the metrics are then empty for it). ``derived_masks`` lists photos whose mask ingest derived."""
+    out = Path(cfg.output_dir)
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    skipped = metrics.get("skipped", {})
     summary = {
-        "instances": sorted(metrics["per_instance"]),
+        "instances": sorted({*metrics["per_instance"], *skipped}),
         "failed": read_failures(cfg, upstream_of(cfg, "evaluate")),
         "backbone": cfg.model.backbone,
+        "negatives": _negatives_used(cfg),
         "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},
         "per_instance": metrics["per_instance"],
+        "skipped": skipped,
         "seconds": timings,
         "config": "config.yaml",
     }
+    if metrics.get("note"):
+        summary["note"] = metrics["note"]
+    derived = out / "ingest" / "derived_masks.json"
+    if derived.is_file():
+        summary["derived_masks"] = json.loads(derived.read_text())
     from pipelines.report import current_job_id
 
     if job := current_job_id():
@@ -123,8 +138,21 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     return summary
 
 
+def _negatives_used(cfg: ExperimentConfig) -> str:
+    from pipelines.train import resolve_negatives
+
+    try:
+        return resolve_negatives(cfg).train.negatives
+    except UserError:  # reported when train ran; the summary still gets written
+        return cfg.train.negatives
+
+
 def print_table(summary: dict) -> None:
+    if summary.get("note"):
+        print(f"\n{summary['note']}")
     pretrained, personalized = summary["metrics"]["pretrained"], summary["metrics"]["personalized"]
+    if not pretrained:
+        return
     print(f"\n{'metric':<24}{'pretrained':>12}{'personalized':>14}")
     for key in METRIC_KEYS:
         if key in pretrained:

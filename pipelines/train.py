@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from personalization.artifacts import commit_stage, hash_config, input_hash, is_current
-from personalization.config import ExperimentConfig, build_config, to_dict
+from personalization.config import ExperimentConfig, build_config, replace, to_dict
 from personalization.contrastive import (
     DeepSpeedStepper,
     TorchStepper,
@@ -42,6 +42,9 @@ from personalization.contrastive import (
     select_training_rows,
     train_step,
 )
+from personalization.contrastive.negatives import choose_negatives
+from personalization.datasets import DatasetError, detect_layout
+from personalization.datasets.layouts import info_file
 from personalization.schema import IMAGE_SCHEMA, read_image_table
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
@@ -73,6 +76,43 @@ def build_lora_encoder(cfg: ExperimentConfig) -> TrainableModel:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver side
+
+
+def dataset_instances(cfg: ExperimentConfig) -> dict[str, dict]:
+    """{instance: {"category", "split"}}: ``OUT/ingest/instances.json`` when ingest has run, else a look at
+    ``data.root`` (its info file, or the plain-folder settings; no image is read). {} when it cannot tell yet:
+    ingest then reports what is wrong with the dataset."""
+    if (stage_dir(cfg, "ingest") / "instances.json").is_file():
+        return common.load_instances(cfg)
+    data = cfg.data
+    try:
+        layout = detect_layout(data.root, data.layout)
+        if layout == "folder":
+            return {data.instance_id or Path(data.root).resolve().name: {"category": data.category, "split": "user"}}
+        info = json.loads((Path(data.root) / info_file(layout)).read_text())
+        return {str(i): {"category": str(info["class_to_sc"][i]), "split": str(info["class_to_split"][i])}
+                for i in info["classes"]}  # fmt: skip
+    except (DatasetError, OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def resolve_negatives(
+    cfg: ExperimentConfig, instances: dict[str, dict] | None = None, selected: Sequence[str] | None = None
+) -> ExperimentConfig:
+    """``cfg`` with ``train.negatives`` made concrete for the instances it trains (``auto`` resolved by
+    :func:`personalization.contrastive.negatives.choose_negatives`; a UserError naming the fixes when nothing
+    applies). The one place train, `personalize run`'s check and the sweep resolve it."""
+    instances = dataset_instances(cfg) if instances is None else instances
+    if not instances:  # nothing to judge by yet (ingest reports the dataset's problems); explicit modes checked
+        if cfg.train.negatives != "auto":
+            choose_negatives(cfg.train, cfg.generate, {}, ())
+        return cfg
+    selected = common.select_instances(cfg, instances) if selected is None else selected
+    mode = choose_negatives(cfg.train, cfg.generate, instances, selected)
+    if mode == cfg.train.negatives:
+        return cfg
+    log.info("train: negatives=auto -> %s", mode)
+    return replace(cfg, **{"train.negatives": mode})
 
 
 def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
@@ -128,6 +168,7 @@ def run(
     and its metrics are added to that report (e.g. a validation metric for early stopping).
     """
     instances = common.load_instances(cfg)
+    cfg = resolve_negatives(cfg, instances)
     inputs = stage_inputs(cfg)
     images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
     synthetic = _synthetic_table(cfg, inputs)
@@ -370,6 +411,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run_in_ray(cfg: ExperimentConfig) -> Path:
+        resolve_negatives(cfg)  # no negatives: stop before Ray starts
         with ray_session(cfg):
             return run(cfg)
 

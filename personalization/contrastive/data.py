@@ -11,6 +11,7 @@ Roles for instance X (category C), chosen by :func:`select_training_rows`:
   - ``folder``: every image in ``train.negatives_dir/<C>_negatives/`` if that folder exists, else in
     ``train.negatives_dir`` itself (the released PODS negatives use the first layout).
   - ``generated``: rows of role ``negative`` and category C from the generate stage (the pretrained generator).
+  - ``stock``: generic real photos shipped with scikit-image (contrastive/negatives.py), for a lone folder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from personalization.contrastive.negatives import load_stock_negatives
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import IMAGE_SCHEMA, decode_image, make_image_id, make_row, rows_to_table
 
@@ -120,8 +122,10 @@ def select_training_rows(
         negative_parts = [load_negatives_folder(train_cfg.negatives_dir, category)]
     elif train_cfg.negatives == "generated":
         negative_parts = [_where(synthetic, category=category, role="negative")]
-    else:
-        raise UserError(f"train.negatives={train_cfg.negatives!r}: use val, folder or generated")
+    elif train_cfg.negatives == "stock":
+        negative_parts = [load_stock_negatives(category)]
+    else:  # "auto" is resolved before this (pipelines/train.py: resolve_negatives)
+        raise UserError(f"train.negatives={train_cfg.negatives!r}: use val, folder, generated or stock")
 
     schema = images.schema
     positives = pa.concat_tables([t.cast(schema) for t in positive_parts]) if positive_parts else schema.empty_table()

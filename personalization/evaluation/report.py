@@ -138,6 +138,7 @@ def write_report(
     pr_curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]] = {},
     sample_images: Sequence[tuple[str, bytes]] = (),
     mask_examples: Sequence[tuple[str, bytes, bytes]] = (),
+    derived_masks: Sequence[tuple[str, bytes, bytes]] = (),
     notes: Sequence[str] = (),
 ) -> Path:
     """Write the HTML report and return its path.
@@ -145,12 +146,14 @@ def write_report(
     ``summary``: ``{"pretrained": {metric: mean}, "personalized": {...}, "per_instance": {id: {model: {...}}}}``
     (the evaluate stage's ``metrics.json``). ``pr_curves``: model -> instance -> (precision, recall).
     ``sample_images``: (caption, PNG). ``mask_examples``: (caption, image PNG, predicted-mask PNG).
+    ``derived_masks``: (caption, photo PNG, mask PNG) of the masks ingest derived, shown for the user to check.
     """
     body = [f"<h1>{html.escape(str(summary.get('name', 'Personalized representations')))}</h1>"]
     body += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
     body.append(render_metrics_table(summary))
     if loss_history:
         body += ["<h2>Training loss</h2>", _png_tag(plot_loss_history(loss_history), "training loss")]
+    pr_curves = {model: curves for model, curves in pr_curves.items() if curves}  # none when nothing was measured
     if pr_curves:
         body.append("<h2>Classification precision-recall</h2>")
         body += [_png_tag(plot_pr_curves(curves, model), f"PR curves {model}") for model, curves in pr_curves.items()]
@@ -159,6 +162,17 @@ def write_report(
         body += [
             f"<figure>{_png_tag(png, caption, 160)}<figcaption>{html.escape(caption)}</figcaption></figure>"
             for caption, png in sample_images
+        ]
+    if derived_masks:
+        body.append("<h2>Derived masks (red): check them</h2>")
+        body.append(
+            '<p class="note">These photos had no mask in masks/, so GrabCut derived one. A wrong one teaches the '
+            "encoder the wrong object: fix it with masks/&lt;stem&gt;.png or a box in boxes.json.</p>"
+        )
+        body += [
+            f"<figure>{_png_tag(overlay_mask(image, mask), caption, 200)}"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            for caption, image, mask in derived_masks
         ]
     if mask_examples:
         body.append("<h2>Predicted masks (red)</h2>")

@@ -167,7 +167,8 @@ def test_val_negatives_are_same_category_val_instances(upstream):
     from personalization.contrastive.data import select_training_rows
     from personalization.schema import read_image_table
 
-    cfg = _cfg(upstream)
+    cfg = train.resolve_negatives(_cfg(upstream))  # train.negatives=auto: the dataset has val instances
+    assert cfg.train.negatives == "val"
     instances = json.loads((upstream / "ingest" / "instances.json").read_text())
     rows = select_training_rows(
         read_image_table(upstream / "ingest"), read_image_table(upstream / "cutpaste"), "mug_1", cfg.train, instances
