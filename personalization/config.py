@@ -51,11 +51,13 @@ class DataConfig:
     max_instances: int = 0  # 0 = no limit; else the first N selected instances (sorted)
     max_test_images: int = 0  # 0 = all; else a seeded sample of each instance's test images per split
     max_side: int = 1024  # photos (and masks) larger than this are downscaled on ingest; 0 = keep full size
+    max_pixels: int = 100_000_000  # files with more pixels are refused before decoding (a decompression-bomb guard)
 
     def validate(self) -> None:
         check_positive(self.max_instances, "data.max_instances", allow_zero=True)
         check_positive(self.max_test_images, "data.max_test_images", allow_zero=True)
         check_positive(self.max_side, "data.max_side", allow_zero=True)
+        check_positive(self.max_pixels, "data.max_pixels")
         if self.root:
             require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
 

@@ -72,9 +72,24 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# What image cells may hold: PNG (every stage writes it) and, for train.negatives_dir rows, a user's JPEG/WEBP/BMP
+# bytes kept as they were. Decoding is restricted to these, so no other Pillow decoder runs on table bytes.
+TABLE_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+
+
+def _open_bytes(data: bytes, formats: tuple[str, ...], what: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=formats)
+    except Image.UnidentifiedImageError as error:
+        raise SchemaError(
+            f"{what} bytes are not {'/'.join(formats)} ({data[:8]!r}...); the image table holds PNG, so re-run the "
+            "stage that wrote this table"
+        ) from error
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """PNG bytes -> RGB PIL image."""
-    with Image.open(io.BytesIO(data)) as image:
+    """Image-cell bytes (PNG; JPEG/WEBP/BMP from a negatives folder) -> RGB PIL image."""
+    with _open_bytes(data, TABLE_IMAGE_FORMATS, "image") as image:
         return image.convert("RGB")
 
 
@@ -84,8 +99,8 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 def decode_mask(data: bytes) -> np.ndarray:
-    """PNG bytes -> boolean (H, W) mask."""
-    with Image.open(io.BytesIO(data)) as image:
+    """PNG bytes (as :func:`encode_mask` writes them) -> boolean (H, W) mask."""
+    with _open_bytes(data, ("PNG",), "mask") as image:
         return np.asarray(image.convert("L")) > 127
 
 

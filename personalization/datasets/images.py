@@ -13,11 +13,21 @@ What is normalized, not rejected:
   reduces 16-bit RGB PNG/TIFF to 8 bits on decode.
 
 Truncated files are found by forcing a full decode (``Image.load()``); ``LOAD_TRUNCATED_IMAGES`` is left off.
+
+What is read at all: only photo formats (``PHOTO_FORMATS``: JPEG, PNG, BMP, TIFF, WEBP, AVIF, and HEIC/HEIF through
+the pinned ``pillow-heif`` plugin), whatever the file's extension says, so an EPS renamed ``.jpg`` never reaches
+Ghostscript. A file's pixel count is checked against ``max_pixels`` (``data.max_pixels``) from its header, before
+anything is decoded. Image files of other formats (GIF, PSD, RAW, ...) are reported by name, never skipped.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
+import warnings
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +35,35 @@ from PIL import Image, ImageOps
 
 from personalization.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# The Pillow decoders a dataset file may go through (``Image.open(formats=...)``): photo formats only.
+PHOTO_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "AVIF", "HEIF")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".heic", ".heif")
+# Image files that are listed but not read, by extension: reported by name so no photo is skipped silently.
+# GIF is reported rather than read: 256 colours at most (a quantized photo) and often an animation.
+UNREAD_EXTENSIONS = {
+    ".gif": "GIF",
+    ".psd": "Photoshop PSD",
+    ".eps": "EPS",
+    ".svg": "SVG",
+    ".pdf": "PDF",
+    ".jxl": "JPEG XL",
+    ".jp2": "JPEG 2000",
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"), "camera RAW"),
+}
+# (offset, leading bytes, format) of files that are not photos, to name what a mislabeled file really is.
+_SIGNATURES = (
+    (0, b"%!PS", "PostScript/EPS"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"),
+    (0, b"%PDF", "PDF"),
+    (0, b"GIF8", "GIF"),
+    (0, b"8BPS", "Photoshop PSD"),
+    (0, b"<?xml", "XML/SVG"),
+    (0, b"<svg", "SVG"),
+    (4, b"ftyphei", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+)
+DEFAULT_MAX_PIXELS = 100_000_000  # = DataConfig.max_pixels: 48-100 MP camera photos pass, a bomb header does not
+HARD_MASK_LEVELS = 16  # a mask with at most this many grey levels is a drawn/label mask: any non-zero is object
 MAX_ERRORS_SHOWN = 20
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the PIL transpose that undoes it (the EXIF 2.3 table).
@@ -72,6 +110,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def unread_image_problem(path: Path) -> str | None:
+    """The error for an image file of a format that is not read (GIF, PSD, RAW, ...), or None."""
+    kind = UNREAD_EXTENSIONS.get(path.suffix.lower())
+    if kind is None or path.name.startswith("."):
+        return None
+    return (
+        f"{path}: {kind} files are not read (photos must be {', '.join(_photo_format_names())}); "
+        "convert it to JPEG or PNG, or remove it"
+    )
+
+
 def check_inside(path: Path, root: Path) -> Path:
     """``path`` resolved (symlinks followed); raises when it leads outside ``root``."""
     resolved = path.resolve()
@@ -83,21 +132,88 @@ def check_inside(path: Path, root: Path) -> Path:
     return resolved
 
 
-def _open_decoded(path: Path, what: str) -> Image.Image:
-    """Open and fully decode one file (a truncated file fails here, not later in a worker)."""
+@cache
+def _heif_plugin() -> bool:
+    """Register the HEIC/HEIF decoder (pillow-heif) on first use; False when the package is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _photo_formats() -> tuple[str, ...]:
+    return PHOTO_FORMATS if _heif_plugin() else tuple(f for f in PHOTO_FORMATS if f != "HEIF")
+
+
+def _photo_format_names() -> list[str]:
+    return [{"HEIF": "HEIC"}.get(name, name) for name in _photo_formats()]
+
+
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """Pillow's decompression-bomb check at ``max_pixels`` for the calls inside, as an error (not a warning).
+
+    Pillow only warns between its limit and twice it; the warning is raised here. Both settings are process-wide,
+    hence the lock; only the header parse runs under it.
+    """
+    with _PIXEL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _not_a_photo(path: Path, what: str) -> str:
+    """The error for a file no photo decoder accepts, naming what it really is when its first bytes tell."""
+    with open(path, "rb") as file:
+        head = file.read(16)
+    kind = next((name for offset, magic, name in _SIGNATURES if head[offset:].startswith(magic)), None)
+    if kind in ("HEIC", "HEIF") and not _heif_plugin():
+        return (
+            f"{path}: {what} is {kind}, which needs the pillow-heif package (pip install -r requirements.txt); "
+            "or convert it to JPEG/PNG"
+        )
+    found = f"it is {kind}; " if kind else ""
+    return (
+        f"{path}: not a readable {what} in a photo format ({found}only {', '.join(_photo_format_names())} are "
+        "read); re-export it as JPEG/PNG or remove it"
+    )
+
+
+def _too_large(path: Path, what: str, max_pixels: int, error: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)):,} pixels ({int(found.group(1)) / 1e6:.1f} MP)" if found else str(error)
+    return (
+        f"{path}: {what} is too large: {size}, over the limit data.max_pixels={max_pixels} "
+        f"({max_pixels / 1e6:g} MP), checked before decoding; downscale it (e.g. to 4096 px) or raise data.max_pixels"
+    )
+
+
+def _open_decoded(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (photo formats only, at most ``max_pixels``) and fully decode one file: a truncated file fails here."""
     if not path.is_file():
         raise DatasetError(f"{path}: {what} is missing or not a regular file")
     if os.path.getsize(path) == 0:
         raise DatasetError(f"{path}: {what} is an empty (zero-byte) file; re-copy it or remove it")
     try:
-        image = Image.open(path)
+        with _pixel_limit(max_pixels):
+            image = Image.open(path, formats=_photo_formats())
         image.load()
-    except Image.UnidentifiedImageError as error:
-        raise DatasetError(f"{path}: not a readable {what} ({error}); re-export it as JPEG/PNG or remove it") from error
-    except Image.DecompressionBombError as error:  # the header claims more pixels than Pillow will decode
+    except PermissionError as error:
         raise DatasetError(
-            f"{path}: {what} is too large to decode safely ({error}); downscale it (e.g. to 4096 px) or remove it"
+            f"{path}: cannot read {what}: permission denied; fix with `chmod a+r {path}` (or run as its owner)"
         ) from error
+    except Image.UnidentifiedImageError as error:
+        raise DatasetError(_not_a_photo(path, what)) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DatasetError(_too_large(path, what, max_pixels, error)) from error
     except _DECODE_ERRORS as error:
         raise DatasetError(f"{path}: {what} is corrupt or truncated ({error}); re-copy it or remove it") from error
     return image
@@ -134,38 +250,51 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(path: str | Path) -> tuple[Image.Image, int]:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int]:
     """A photo as upright 8-bit RGB, and the EXIF orientation it had (to apply to its mask)."""
     path = Path(path)
-    image = _open_decoded(path, "image")
+    image = _open_decoded(path, "image", max_pixels)
     tag = orientation(image)
     image = ImageOps.exif_transpose(image) if tag != 1 else image
     return to_rgb(image), tag
 
 
+def _binarise(values: np.ndarray) -> np.ndarray:
+    """8-bit levels -> object. A hard mask (at most ``HARD_MASK_LEVELS`` levels: 0/1, 0/255, label colours) is the
+    object wherever it is non-zero; a graded one (JPEG noise, soft edges) wherever it is above half range."""
+    levels = np.count_nonzero(np.bincount(values.ravel(), minlength=256))
+    return values > 0 if levels <= HARD_MASK_LEVELS else values > 127
+
+
 def mask_array(image: Image.Image) -> np.ndarray:
-    """A decoded mask image -> boolean (H, W). Accepts 0/1 and 0/255 masks, palette label maps and alpha cutouts."""
+    """A decoded mask image -> boolean (H, W), the object wherever any colour channel is on.
+
+    0/1 and 0/255 masks, coloured labels on black (a red label is the object), palette label maps (index 0 is the
+    background) and cutouts (an alpha that varies is the object's shape; a constant alpha is ignored).
+    """
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         values = np.asarray(image).astype(np.float64)
         return values > (values.max(initial=0.0) / 2 if values.max(initial=0.0) > 1 else 0)
     if image.mode == "P" and "transparency" not in image.info:
         return np.asarray(image) > 0  # a label map: palette index 0 is the background
-    if image.mode in ("RGBA", "LA", "PA"):
-        alpha = np.asarray(image.getchannel("A"))
+    if image.mode == "P" or image.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"))
         if alpha.min() != alpha.max():  # a cutout: the object is where alpha is
-            return alpha > 127
-    gray = np.asarray(image.convert("L"))
-    # 0/1 masks (max 1) are common; else threshold at half range so JPEG noise does not leak in.
-    return gray > 0 if gray.max(initial=0) <= 1 else gray > 127
+            return _binarise(alpha)
+    if image.mode in ("L", "1"):
+        return _binarise(np.asarray(image.convert("L")))
+    return _binarise(np.asarray(image.convert("RGB")).max(axis=2))
 
 
-def load_mask(path: str | Path, image_size: tuple[int, int], image_orientation: int = 1) -> np.ndarray:
+def load_mask(
+    path: str | Path, image_size: tuple[int, int], image_orientation: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """The boolean (H, W) mask of an image of ``image_size`` = (width, height), after the image's own orientation.
 
     Raises when the size differs from its image or when the mask holds no object.
     """
     path = Path(path)
-    mask = _open_decoded(path, "mask")
+    mask = _open_decoded(path, "mask", max_pixels)
     own = orientation(mask)
     if own != 1:
         mask = ImageOps.exif_transpose(mask)

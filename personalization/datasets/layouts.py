@@ -23,11 +23,18 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalization.datasets.images import DatasetError, ErrorLog, check_inside, is_image_file
+from personalization.datasets.images import (
+    DatasetError,
+    ErrorLog,
+    check_inside,
+    is_image_file,
+    unread_image_problem,
+)
 from personalization.paths import NAME_RULE, is_safe_name, slugify
 
 INFO_LAYOUTS = ("pods", "dogs", "df2")
@@ -94,12 +101,15 @@ def detect_layout(root: str | Path, layout: str = "auto") -> str:
 
 
 def list_images(folder: Path, root: Path, errors: ErrorLog) -> dict[str, Path]:
-    """Image files directly in ``folder`` by stem; duplicate stems and links out of the root are errors."""
+    """Image files directly in ``folder`` by stem; duplicate stems, links out of the root and image files of formats
+    that are not read (GIF, PSD, RAW, ...) are errors."""
     by_stem: dict[str, Path] = {}
     if not folder.is_dir():
         return by_stem
     for path in sorted(folder.iterdir()):
         if not is_image_file(path):
+            if problem := unread_image_problem(path):
+                errors.add(problem)
             continue
         try:
             check_inside(path, root)
@@ -119,10 +129,15 @@ def list_images(folder: Path, root: Path, errors: ErrorLog) -> dict[str, Path]:
 def pair_masks(
     images: dict[str, Path], mask_folder: Path, root: Path, errors: ErrorLog, required: bool
 ) -> dict[str, Path | None]:
-    """stem -> mask path (or None). A mask whose stem matches no image is an error (a naming mismatch)."""
+    """stem -> mask path (or None). A mask whose stem matches no image is an error (a naming mismatch); one that
+    differs from an image's stem only in Unicode normalisation or letter case is named with that image."""
     masks = list_images(mask_folder, root, errors)
+    loose = {_loose_stem(stem): stem for stem in images}
     for stem, path in masks.items():
-        if stem not in images:
+        near = loose.get(_loose_stem(stem)) if stem not in images else None
+        if near is not None:
+            errors.add(_near_stem_problem(path, images[near]))
+        elif stem not in images:
             errors.add(
                 f"{path}: no image with stem {stem!r} in {mask_folder.name.replace('_masks', '')}/; "
                 "name each mask like its image (a.jpg <-> a.png) or remove it"
@@ -133,6 +148,27 @@ def pair_masks(
             if mask is None:
                 errors.add(f"{images[stem]}: needs a mask {mask_folder}/{stem}.png; add it or remove the image")
     return paired
+
+
+def _loose_stem(stem: str) -> str:
+    return unicodedata.normalize("NFC", stem).casefold()
+
+
+def _near_stem_problem(mask: Path, image: Path) -> str:
+    """A mask named like ``image`` but for Unicode normalisation (NFC vs NFD: macOS, zip tools) or letter case."""
+    if unicodedata.normalize("NFC", mask.stem) == unicodedata.normalize("NFC", image.stem):
+        forms = [
+            next((f for f in ("NFC", "NFD") if unicodedata.is_normalized(f, p.stem)), "mixed") for p in (mask, image)
+        ]
+        how = f"Unicode normalisation (the mask's name is {forms[0]}, the image's {forms[1]}: they look alike)"
+    else:
+        how = (
+            "letter case" if mask.stem.casefold() == image.stem.casefold() else "letter case and Unicode normalisation"
+        )
+    return (
+        f"{mask}: pairs with no image, but its stem differs from image {image.name!r} only in {how}; rename the "
+        f"mask to {image.stem + mask.suffix!r} so the stems match exactly"
+    )
 
 
 def _check_train_count(instance: str, count: int, folder: Path, errors: ErrorLog) -> None:

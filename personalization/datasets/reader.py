@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from personalization.datasets.images import DatasetError, ErrorLog, is_image_file, load_image, load_mask
+from personalization.datasets.images import (
+    DEFAULT_MAX_PIXELS,
+    DatasetError,
+    ErrorLog,
+    is_image_file,
+    load_image,
+    load_mask,
+)
 from personalization.datasets.layouts import (
     LAYOUT_FOLDERS,
     DatasetScan,
@@ -34,13 +41,14 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_IMAGES = 50  # show a progress bar from this many images on
 
 
-def load_entry(entry: ImageEntry, max_side: int = 0) -> dict:
+def load_entry(entry: ImageEntry, max_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """One image (and its mask) -> an image-table row; raises :class:`DatasetError` naming the bad file.
 
-    Photos whose longer side exceeds ``max_side`` (0 = no limit) are downscaled, their masks alike (nearest).
+    Files of more than ``max_pixels`` are refused before decoding. Photos whose longer side exceeds ``max_side``
+    (0 = no limit) are downscaled, their masks alike (nearest).
     """
-    image, tag = load_image(entry.path)
-    mask = load_mask(entry.mask_path, image.size, tag) if entry.mask_path is not None else None
+    image, tag = load_image(entry.path, max_pixels)
+    mask = load_mask(entry.mask_path, image.size, tag, max_pixels) if entry.mask_path is not None else None
     if max_side and max(image.size) > max_side:
         factor = max_side / max(image.size)
         size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
@@ -60,7 +68,9 @@ def load_entry(entry: ImageEntry, max_side: int = 0) -> dict:
     )
 
 
-def iter_rows(scan: DatasetScan, progress: bool | None = None, max_side: int = 0) -> Iterator[dict]:
+def iter_rows(
+    scan: DatasetScan, progress: bool | None = None, max_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[dict]:
     """Rows of every readable entry; unreadable ones are added to ``scan.errors`` (the caller raises)."""
     errors = scan.errors if scan.errors is not None else ErrorLog(scan.root)
     scan.errors = errors
@@ -70,7 +80,7 @@ def iter_rows(scan: DatasetScan, progress: bool | None = None, max_side: int = 0
         log.warning("%d train photo(s) in %s have no mask; stages that need masks will skip them", unmasked, scan.root)
     for entry in tqdm(scan.entries, desc=f"reading {scan.root.name}", unit="img", disable=not show):
         try:
-            yield load_entry(entry, max_side)
+            yield load_entry(entry, max_side, max_pixels)
         except DatasetError as error:
             errors.add(str(error))
 
@@ -84,6 +94,7 @@ def read_dataset(
     max_test_images: int = 0,
     seed: int = 0,
     progress: bool | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[dict], dict[str, dict[str, str]]]:
     """All rows (real_train + real_test, every instance) and ``{instance_id: {"category", "split"}}``.
 
@@ -92,7 +103,7 @@ def read_dataset(
     scan = scan_dataset(
         root, layout, category=category, instance_id=instance_id, max_test_images=max_test_images, seed=seed
     )
-    rows = list(iter_rows(scan, progress=progress))
+    rows = list(iter_rows(scan, progress=progress, max_pixels=max_pixels))
     scan.errors.raise_if_any()
     return rows, scan.instances
 
