@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A single-node Ray head on this machine, with the dashboard and the Jobs API on 127.0.0.1 only.
+# A single-node Ray head on this machine: token auth on, and every port it opens on 127.0.0.1 only (GCS, Ray
+# Client, dashboard + Jobs API, dashboard agent, raylet, object manager, workers).
 #
 #   cluster/local_head.sh start    # start it, wait until the Jobs API answers, print the addresses
 #   cluster/local_head.sh status   # is it up? which addresses?
 #   cluster/local_head.sh stop     # stop exactly what `start` started (by PID), nothing else
 #
-# Then submit work to it, either way:
+# Then submit work to it, either way (clients send the head's token; `start` prints these lines):
+#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/personalize-ray-$USER/auth_token
 #   personalize --address http://127.0.0.1:8265 run --config configs/demo.yaml data.root=outputs/toy
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . \
 #       --runtime-env cluster/runtime_env.yaml -- personalize run --config configs/demo.yaml data.root=outputs/toy
@@ -24,10 +26,15 @@
 #   RAY_METRICS_PORT    Prometheus metrics export port (scrape it)      [Ray picks one]
 #   RAY_HEAD_NUM_CPUS   CPUs the head offers                            [all cores]
 #   RAY_HEAD_NUM_GPUS   GPUs the head offers                            [Ray detects them]
-#   RAY_AUTH_MODE       `disabled` (default here) or `token`. With `token`, Ray reads the token from
-#                       RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; make one with
-#                       `ray get-auth-token --generate`. Clients (personalize --address, ray job submit) then need
-#                       the same token: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(ray get-auth-token)`.
+#   RAY_AUTH_MODE       `token` (default) or `disabled` (anyone on this machine could then run code as you).
+#                       The token: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else RAY_HEAD_DIR/auth_token
+#                       (made at the first start, 64 hex chars, mode 600). Clients (personalize --address,
+#                       ray job submit) send it: `export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>`.
+#
+# Why 127.0.0.1 everywhere: Ray binds its gRPC servers, agents and the Ray Client server to the node IP when that is
+# loopback, else to every interface. `ray start` turns --node-ip-address 127.0.0.1 into the host's address unless
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-machine mode, the default on macOS), so this script sets it.
+# No other machine can join this head; a multi-node cluster is cluster/cluster.yaml or cluster/kuberay/.
 #   RAY_BIN             the `ray` executable                            [.venv/bin/ray, else `ray` on PATH]
 set -euo pipefail
 
@@ -52,8 +59,45 @@ else
   RAY="ray"
 fi
 
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+TOKEN_HOW=""
+if [[ "$RAY_AUTH_MODE" == "token" ]]; then
+  if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+    TOKEN_HOW="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the token you gave this script>"
+  else
+    export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$HEAD_DIR/auth_token}"
+    TOKEN_HOW="export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  fi
+fi
+
+make_state_dir() {
+  # Yours alone: the token file lives here, and a folder someone else made in /tmp must not be used.
+  (umask 077 && mkdir -p "$HEAD_DIR")
+  if [[ ! -O "$HEAD_DIR" ]]; then
+    echo "$HEAD_DIR belongs to another user; set RAY_HEAD_DIR to a folder of yours" >&2
+    return 1
+  fi
+  chmod 700 "$HEAD_DIR"
+  mkdir -p "$HEAD_DIR/ray"
+  if [[ "$RAY_AUTH_MODE" == "token" && -z "${RAY_AUTH_TOKEN:-}" && ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+    [[ "$RAY_AUTH_TOKEN_PATH" == "$HEAD_DIR/auth_token" ]] || {
+      echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH: no such file (or empty); unset it to have one made" >&2
+      return 1
+    }
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$RAY_AUTH_TOKEN_PATH")
+    echo "made a new token in $RAY_AUTH_TOKEN_PATH (mode 600)"
+  fi
+}
+
+auth_header() {
+  # The header on stdin for `curl -H @-`: a token on curl's command line would show in `ps` to every user.
+  local token="${RAY_AUTH_TOKEN:-}"
+  [[ -z "$token" && -n "${RAY_AUTH_TOKEN_PATH:-}" && -r "$RAY_AUTH_TOKEN_PATH" ]] && token="$(<"$RAY_AUTH_TOKEN_PATH")"
+  [[ "$RAY_AUTH_MODE" == "token" && -n "$token" ]] && printf 'Authorization: Bearer %s\n' "$token"
+  return 0
+}
 
 head_pid() {
   # The PID we recorded, if that process still runs and is still our `ray start` (guards against PID reuse).
@@ -77,16 +121,19 @@ descendants() {
 }
 
 jobs_api_up() {
-  local auth=()
-  [[ -n "${RAY_AUTH_TOKEN:-}" ]] && auth=(-H "Authorization: Bearer $RAY_AUTH_TOKEN")
-  curl -s -o /dev/null -m 2 -w '%{http_code}' "${auth[@]}" "$URL/api/version" | grep -q '^200$'
+  auth_header | curl -s -o /dev/null -m 2 -w '%{http_code}' -H @- "$URL/api/version" | grep -q '^200$'
 }
 
 print_addresses() {
-  echo "Ray head (auth: $RAY_AUTH_MODE, cpus: $NUM_CPUS, state: $HEAD_DIR)"
-  echo "  dashboard:          $URL   (bound to 127.0.0.1; from another machine: ssh -L $DASHBOARD_PORT:127.0.0.1:$DASHBOARD_PORT)"
+  echo "Ray head (auth: $RAY_AUTH_MODE, cpus: $NUM_CPUS, state: $HEAD_DIR; every port on 127.0.0.1)"
+  if [[ "$RAY_AUTH_MODE" == "token" ]]; then
+    echo "  token for clients:  $TOKEN_HOW"
+  else
+    echo "  WARNING: auth disabled: any user of this machine can run code as you through these ports"
+  fi
+  echo "  dashboard:          $URL   (from another machine: ssh -L $DASHBOARD_PORT:127.0.0.1:$DASHBOARD_PORT this-host)"
   echo "  job submit address: $URL"
-  echo "  driver address:     127.0.0.1:$HEAD_PORT   (ray.init(address=...) on this machine)"
+  echo "  driver address:     127.0.0.1:$HEAD_PORT   (ray.init(address=...) on this machine, with the token set)"
   echo "  submit:  personalize --address $URL run --config configs/demo.yaml data.root=outputs/toy"
   echo "      or:  $RAY job submit --address $URL --working-dir . --runtime-env cluster/runtime_env.yaml -- personalize run ..."
 }
@@ -97,9 +144,10 @@ start() {
     print_addresses
     return 0
   fi
-  mkdir -p "$HEAD_DIR/ray"
+  make_state_dir
   # setsid: the head gets its own session and process group (= its PID), so `stop` can sweep exactly it.
   setsid "$RAY" start --head --block \
+    --node-ip-address 127.0.0.1 \
     --port "$HEAD_PORT" \
     --ray-client-server-port "$CLIENT_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \

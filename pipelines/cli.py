@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    if argv[0].split("=")[0] in ("--address", "--no-follow", "--runtime-env", "--working-dir"):
+    if argv[0].split("=")[0] in ("--address", "--no-follow", "--runtime-env", "--working-dir", "--insecure"):
         # `personalize --address URL COMMAND ...`: submit the command as a Ray Job and follow its logs.
         return int(importlib.import_module("pipelines.jobs").main(argv))
     command, rest = argv[0], argv[1:]

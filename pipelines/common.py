@@ -15,6 +15,7 @@ from personalization.config import ConfigError, ExperimentConfig, load_config, r
 from personalization.errors import MissingInputError, UserError
 from personalization.output_lock import hold_output_lock
 from personalization.paths import inside
+from pipelines.local_ray import closed_local_ray
 
 log = logging.getLogger("personalize")
 
@@ -34,7 +35,8 @@ def resolved(cfg: ExperimentConfig) -> dict:
 def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
     """Use the Ray already running in this process, else connect to ``ray.address``, else start a local one.
 
-    Only a Ray started here is shut down here.
+    A local Ray is private to this run: token auth with a token made for it, every port on 127.0.0.1
+    (pipelines/local_ray.py). Only a Ray started here is shut down here.
     """
     import ray
 
@@ -45,20 +47,17 @@ def ray_session(cfg: ExperimentConfig) -> Iterator[None]:
     # Inside a Ray Job (`ray job submit`, `personalize --address`) Ray sets RAY_ADDRESS: join that cluster.
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        context = ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus or None,
-            include_dashboard=cfg.ray.dashboard,
-            dashboard_host="127.0.0.1",
-        )
-        if cfg.ray.dashboard and context.dashboard_url:
-            log.info("Ray dashboard: http://%s", context.dashboard_url)
-    try:
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    local = closed_local_ray(num_cpus=cfg.ray.num_cpus or None, include_dashboard=cfg.ray.dashboard)
+    with local as (context, token_file):
+        url = context.dashboard_url
+        dashboard = f"http://{url} (it asks for the token in {token_file})" if url else "off (ray.dashboard=false)"
+        log.info("Ray dashboard: %s; this run's Ray listens on 127.0.0.1 only, with token auth", dashboard)
         yield
-    finally:
-        ray.shutdown()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,19 +6,23 @@
         -- personalize run --config configs/demo.yaml ...
 
 The address is the head's dashboard / Jobs API (HTTP, port 8265 by default), not the ``ray://`` client port.
-The working directory (this checkout) is zipped and uploaded with the job, so the cluster runs this code; the
-cluster's Python must already hold the pinned dependencies and the ``personalize`` script (cluster/README notes).
+The working directory (by default this checkout: the folder holding its pyproject.toml, wherever the command is run
+from) is zipped and uploaded with the job, so the cluster runs this code; the cluster's Python must already hold the
+pinned dependencies and the ``personalize`` script (cluster/README notes).
 
 Token auth (Ray >= 2.52; a cluster started with ``RAY_AUTH_MODE=token``): the client sends
 ``Authorization: Bearer <token>``. The token comes from, in order: ``submit(token=...)``, ``RAY_AUTH_TOKEN``,
 the file named by ``RAY_AUTH_TOKEN_PATH``, and, when ``RAY_AUTH_MODE=token``, ``~/.ray/auth_token``
-(what ``ray get-auth-token`` prints). The same variables work for ``ray job submit``.
+(what ``ray get-auth-token`` prints). The same variables work for ``ray job submit``. A token is sent over plain
+``http://`` only to a loopback host (127.0.0.1, ::1, localhost: a local head, or an SSH tunnel / port-forward to
+one); anywhere else it needs ``https://`` or an explicit ``--insecure``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shlex
 import sys
@@ -26,11 +30,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
 import yaml
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 START_HINT = "start a local head with `cluster/local_head.sh start`, or check the address (ray status on the head)"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this checkout: the folder holding pyproject.toml
 
 
 class ClusterError(ValueError):
@@ -71,6 +77,28 @@ def load_token(token: str | None = None) -> str | None:
     return None
 
 
+def is_loopback(address: str) -> bool:
+    """Whether the address's host is this machine (127.0.0.0/8, ::1 or ``localhost``): plain HTTP never leaves it."""
+    host = urlsplit(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_transport(address: str, token: str | None, insecure: bool = False) -> None:
+    """Refuse to send a token in clear text (``http://``) to another machine, unless the user said ``--insecure``."""
+    if token and address.startswith("http://") and not is_loopback(address) and not insecure:
+        raise ClusterError(
+            f"--address {address}: the cluster token would cross the network unencrypted (plain http to a host that "
+            "is not this machine). Use https://HEAD (a TLS proxy in front of the dashboard), or an SSH tunnel / "
+            "port-forward to 127.0.0.1 (`ssh -L 8265:127.0.0.1:8265 HEAD` or `kubectl port-forward svc/HEAD 8265`, "
+            "then --address http://127.0.0.1:8265), or pass --insecure if this network is trusted"
+        )
+
+
 def check_cluster(address: str, token: str | None = None, timeout: float = 5.0) -> str:
     """Ask the Jobs API for its Ray version, within ``timeout`` seconds; a clear ClusterError if it cannot answer.
 
@@ -100,12 +128,13 @@ def check_cluster(address: str, token: str | None = None, timeout: float = 5.0) 
     return reply.json().get("ray_version", "?")
 
 
-def connect(address: str, token: str | None = None):
-    """A ``JobSubmissionClient`` for ``address`` after a fast reachability and auth check."""
+def connect(address: str, token: str | None = None, insecure: bool = False):
+    """A ``JobSubmissionClient`` for ``address`` after a transport, reachability and auth check."""
     from ray.job_submission import JobSubmissionClient
 
     address = normalize_address(address)
     token = load_token(token)
+    check_transport(address, token, insecure)
     check_cluster(address, token)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(address, headers=headers)
@@ -123,6 +152,11 @@ def load_runtime_env(path: str | Path | None, working_dir: str | Path | None) ->
             raise ClusterError(f"{path}: a runtime env must be a mapping (env_vars, excludes, pip, ...)")
     if working_dir is not None:
         folder = Path(working_dir).resolve()
+        if folder == PROJECT_ROOT and not (folder / "pyproject.toml").is_file():
+            raise ClusterError(
+                f"{folder} holds no pyproject.toml (personalize is installed, not run from a checkout): pass "
+                "--working-dir FOLDER (the checkout to upload)"
+            )
         if not folder.is_dir():
             raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
         env["working_dir"] = str(folder)
@@ -161,19 +195,21 @@ def submit(
     address: str,
     entrypoint_argv: Sequence[str],
     *,
-    working_dir: str | Path | None = ".",
+    working_dir: str | Path | None = PROJECT_ROOT,
     runtime_env_path: str | Path | None = None,
     follow: bool = True,
     token: str | None = None,
+    insecure: bool = False,
 ) -> str:
     """Submit ``entrypoint_argv`` (e.g. ``["personalize", "run", "--config", ...]``) as a Ray Job; return its id.
 
     With ``follow`` the call streams the job's logs until it ends and prints its final status; get the status
-    itself with ``job_status``. ``working_dir=None`` uploads nothing (the cluster's own files are used).
+    itself with ``job_status``. ``working_dir=None`` uploads nothing (the cluster's own files are used);
+    ``insecure`` allows sending the token over plain http to another machine.
     """
     if not entrypoint_argv:
         raise ClusterError("no command to submit; e.g. `personalize --address URL run --config configs/demo.yaml`")
-    client = connect(address, token)
+    client = connect(address, token, insecure)
     runtime_env = load_runtime_env(runtime_env_path, working_dir)
     entrypoint = shlex.join(entrypoint_argv)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
@@ -186,9 +222,9 @@ def submit(
     return job_id
 
 
-def job_status(address: str, job_id: str, token: str | None = None) -> str:
+def job_status(address: str, job_id: str, token: str | None = None, insecure: bool = False) -> str:
     """The job's current status name: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    return str(connect(address, token).get_job_status(job_id).value)
+    return str(connect(address, token, insecure).get_job_status(job_id).value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", required=True, help="the head's dashboard / Jobs API, e.g. http://127.0.0.1:8265")
     parser.add_argument("--no-follow", action="store_true", help="submit and return; do not stream the logs")
     parser.add_argument("--runtime-env", help="runtime env YAML, e.g. cluster/runtime_env.yaml")
-    parser.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
+    parser.add_argument("--working-dir", default=PROJECT_ROOT, help=f"folder uploaded with the job [{PROJECT_ROOT}]")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow sending the token over plain http to another machine"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the personalize command and its arguments")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``personalize --address URL [--no-follow] [--runtime-env FILE] COMMAND ARGS...``.
+    """``personalize --address URL [--no-follow] [--runtime-env FILE] [--working-dir DIR] [--insecure] COMMAND ...``.
 
     Exit status: 0 when the job SUCCEEDED (or was submitted, with --no-follow), 1 when it failed or was stopped,
     2 for bad input (no answer at the address, missing token, ...).
@@ -222,10 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             working_dir=args.working_dir,
             runtime_env_path=args.runtime_env,
             follow=not args.no_follow,
+            insecure=args.insecure,
         )
         if args.no_follow:
             return 0
-        return 0 if job_status(args.address, job_id) == "SUCCEEDED" else 1
+        return 0 if job_status(args.address, job_id, insecure=args.insecure) == "SUCCEEDED" else 1
     except (ClusterError, FileNotFoundError) as error:
         print(f"personalize --address: error: {error}", file=sys.stderr)
         return 2

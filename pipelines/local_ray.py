@@ -1,0 +1,84 @@
+"""A private local Ray for one run, closed to the other users and machines that can reach this host.
+
+Ray 2.60 started by ``ray.init(address="local")`` on Linux listens on every interface (GCS, raylet, workers,
+dashboard agent), and anyone who reaches its Jobs API or GCS runs code as you. Here, for the run's own Ray:
+
+- ``RAY_AUTH_MODE=token`` with a fresh random token made for this run (``RAY_AUTH_TOKEN`` in this process's
+  environment, inherited by every Ray process it starts); whatever the caller's environment held is put back after.
+- the node IP is 127.0.0.1: Ray binds its gRPC servers, the dashboard agent and the Ray Client server to the node
+  IP when that is loopback. Ray turns a 127.0.0.1 node IP into the host's address unless
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (its single-machine mode, the default on macOS). Ray reads that flag when
+  it is imported, so it is set in the environment (for the Ray processes started here) and on the already imported
+  constant of this process while ``ray.init`` runs.
+
+Both use Ray 2.60 internals (``ray._raylet.Config``, the token loader, ``ray_constants``); the pin is exact and
+tests/reliability/test_ports.py checks what actually listens, so a Ray upgrade that changes them fails there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+def _reload_auth_settings() -> None:
+    """Make this process's Ray see the current RAY_AUTH_* variables (Ray caches both the mode and the token)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # the mode first: a cached token mode with no token left would abort Ray
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def save_token(token: str, folder: str) -> Path:
+    """``folder/auth_token`` holding the token, readable by this user only (what the dashboard asks for)."""
+    path = Path(folder) / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
+    """``ray.init(address="local", **init_kwargs)`` with token auth and every port on loopback.
+
+    Yields ``(ray context, token file)``. The dashboard (when ``include_dashboard``) listens on 127.0.0.1 and asks
+    for the token, which is saved in the session folder as ``auth_token`` (mode 600) and removed at the end. Ray is
+    shut down on exit.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved = {name: os.environ.get(name) for name in _VARS}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
+    )
+    _reload_auth_settings()
+    token_file = None
+    try:
+        multi_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            context = ray.init(address="local", _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        try:
+            token_file = save_token(os.environ["RAY_AUTH_TOKEN"], context.address_info["session_dir"])
+            yield context, token_file
+        finally:
+            ray.shutdown()
+    finally:
+        if token_file is not None:
+            token_file.unlink(missing_ok=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload_auth_settings()
