@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,138 +145,207 @@ def _optimizer(params: list, learning_rate: float, use_8bit_adam: bool, device: 
     return torch.optim.AdamW(params, lr=learning_rate)
 
 
+class DreamboothRun:
+    """One DreamBooth fine-tune, in three parts: set up (``__init__``), :meth:`step`, :meth:`save`; plus
+    :meth:`state_dict` / :meth:`load_state_dict` so a run killed mid-way resumes from a checkpoint, step for step.
+
+    mode="full": UNet (+ text encoder when ``train_text_encoder``) trained and saved in half precision beside a
+    reference to ``base_model`` (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
+    on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
+    the text encoder stays frozen in LoRA mode. Mixed precision (autocast, fp16 with a grad scaler) and 8-bit
+    Adam (bitsandbytes, when importable) apply on CUDA only; CPU runs in fp32 with torch AdamW.
+    """
+
+    def __init__(
+        self,
+        base_model: str | Path,
+        images: Sequence[Image.Image],
+        category: str,
+        *,
+        masks: Sequence[np.ndarray] | None = None,
+        masked: bool = False,
+        class_images: Sequence[Image.Image] = (),
+        prior_weight: float = 1.0,
+        mode: str = "full",
+        learning_rate: float = 2e-6,
+        batch_size: int = 1,
+        resolution: int = 512,
+        train_text_encoder: bool = True,
+        lora_rank: int = 16,
+        gradient_checkpointing: bool = True,
+        mixed_precision: str = "fp16",
+        use_8bit_adam: bool = True,
+        seed: int = 0,
+        device: str | None = None,
+    ):
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        if mode not in ("full", "lora"):
+            raise DreamboothError(f"mode={mode!r}: use 'full' or 'lora'")
+        if not images:
+            raise DreamboothError("train_dreambooth: no instance images given")
+        if masked and (masks is None or len(masks) != len(images) or any(m is None for m in masks)):
+            raise DreamboothError("masked DreamBooth needs one mask per instance image; give masks or set masked=False")
+        self.base_model, self.category, self.mode, self.batch_size = base_model, category, mode, batch_size
+        self.prior_weight, self.n_images = prior_weight, len(images)
+        dev = self.device = _device(device)
+        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if dev.type == "cuda" else None
+        torch.manual_seed(seed)
+        pipe = self.pipe = StableDiffusionPipeline.from_pretrained(check_generator_dir(base_model), safety_checker=None)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.vae.requires_grad_(False).to(dev)
+        pipe.unet.to(dev)
+        pipe.text_encoder.to(dev)
+        self.tune_text = train_text_encoder and mode == "full"
+        pipe.text_encoder.requires_grad_(self.tune_text)
+        if mode == "lora":
+            from peft import LoraConfig
+
+            pipe.unet.requires_grad_(False)
+            pipe.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                )
+            )
+        if gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if self.tune_text:
+                enable = getattr(pipe.text_encoder, "activation_checkpointing_enable", None)  # transformers >= 5
+                (enable or pipe.text_encoder.gradient_checkpointing_enable)()
+        self.trainable = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if self.tune_text else {})
+        params = [p for module in self.trainable.values() for p in module.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(params, learning_rate, use_8bit_adam, dev)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
+        self.pixels = _to_pixels(images, resolution).to(dev)
+        self.mask_pixels = _to_masks(masks, resolution).to(dev) if masked else None
+        use_prior = class_images and prior_weight > 0
+        self.class_pixels = _to_pixels(class_images, resolution).to(dev) if use_prior else None
+        self.rng = torch.Generator().manual_seed(seed)
+        self.step_index, self.losses = 0, []
+        pipe.unet.train()
+        pipe.text_encoder.train(self.tune_text)
+
+    def _encode_text(self, prompt: str, n: int) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(
+            [prompt] * n, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)  # fmt: skip
+        return self.pipe.text_encoder(ids)[0]
+
+    def step(self) -> float:
+        """One optimisation step; returns its loss."""
+        dev, size = self.device, self.batch_size
+        pick = torch.randint(self.n_images, (size,), generator=self.rng)
+        batch = self.pixels[pick]
+        weight_masks = self.mask_pixels[pick] if self.mask_pixels is not None else None
+        n_class = 0
+        if self.class_pixels is not None:
+            extra = self.class_pixels[torch.randint(len(self.class_pixels), (size,), generator=self.rng)]
+            batch, n_class = torch.cat([batch, extra]), size
+        with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+            with torch.no_grad():
+                vae = self.pipe.vae
+                latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            steps = self.noise_scheduler.config.num_train_timesteps
+            t = torch.randint(0, steps, (latents.shape[0],), device=dev)
+            noisy = self.noise_scheduler.add_noise(latents, noise, t)
+            text = torch.cat(
+                [self._encode_text(instance_prompt(self.category), size)]
+                + ([self._encode_text(class_prompt(self.category), n_class)] if n_class else [])
+            )
+            pred = self.pipe.unet(noisy, t, text).sample
+            target = noise
+            if self.noise_scheduler.config.prediction_type == "v_prediction":
+                target = self.noise_scheduler.get_velocity(latents, noise, t)
+            weight = compute_loss_weight(weight_masks, latents.shape[-2:]) if weight_masks is not None else None
+            loss = compute_masked_mse(pred[:size], target[:size], weight)
+            if n_class:
+                loss = loss + self.prior_weight * compute_masked_mse(pred[size:], target[size:], None)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"DreamBooth loss became {loss.item()} at step {self.step_index}; lower the learning rate"
+            )
+        self.step_index += 1
+        self.losses.append(float(loss.item()))
+        return self.losses[-1]
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue as if never stopped: trained weights only, optimizer,
+        step, losses and the random states."""
+        weights = {
+            name: {k: v for k, v in module.state_dict().items() if not self._frozen(module, k)}
+            for name, module in self.trainable.items()
+        }
+        return {
+            "weights": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step_index,
+            "losses": list(self.losses),
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+
+    def _frozen(self, module: torch.nn.Module, key: str) -> bool:
+        return self.mode == "lora" and module is self.pipe.unet and "lora" not in key
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, weights in state["weights"].items():
+            self.trainable[name].load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_index, self.losses = state["step"], list(state["losses"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save(self, out_dir: str | Path) -> Path:
+        components = ("unet", "text_encoder") if self.tune_text else ("unet",)
+        return save_dreambooth(self.pipe, out_dir, self.mode, self.base_model, components)
+
+
 def train_dreambooth(
     base_model: str | Path,
     images: Sequence[Image.Image],
     category: str,
     out_dir: str | Path,
     *,
-    masks: Sequence[np.ndarray] | None = None,
-    masked: bool = False,
-    class_images: Sequence[Image.Image] = (),
-    prior_weight: float = 1.0,
-    mode: str = "full",
     steps: int = 400,
-    learning_rate: float = 2e-6,
-    batch_size: int = 1,
-    resolution: int = 512,
-    train_text_encoder: bool = True,
-    lora_rank: int = 16,
-    gradient_checkpointing: bool = True,
-    mixed_precision: str = "fp16",
-    use_8bit_adam: bool = True,
-    seed: int = 0,
-    device: str | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    **settings,
 ) -> dict:
-    """Fine-tune ``base_model`` on ``images`` and save the result in ``out_dir``.
-
-    mode="full": UNet (+ text encoder when ``train_text_encoder``) trained and saved in half precision beside a
-    reference to ``base_model`` (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
-    on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``); the text
-    encoder stays frozen in LoRA mode. Mixed precision (autocast, fp16 with a grad scaler) and 8-bit Adam
-    (bitsandbytes, when importable) apply on CUDA only; CPU runs in fp32 with torch AdamW.
+    """Fine-tune ``base_model`` on ``images`` for ``steps`` steps and save the result in ``out_dir``
+    (:class:`DreamboothRun` for the settings). Every ``checkpoint_every`` steps ``on_checkpoint(state)`` gets the
+    run's :meth:`DreamboothRun.state_dict`; ``resume`` (such a state) continues from it.
     Returns ``{"losses": [...], "mode": mode, "path": str(out_dir)}``.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    if mode not in ("full", "lora"):
-        raise DreamboothError(f"mode={mode!r}: use 'full' or 'lora'")
-    if not images:
-        raise DreamboothError("train_dreambooth: no instance images given")
-    if masked and (masks is None or len(masks) != len(images) or any(m is None for m in masks)):
-        raise DreamboothError("masked DreamBooth needs one mask per instance image; give masks or set masked=False")
-    dev = _device(device)
-    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if dev.type == "cuda" else None
-    torch.manual_seed(seed)
-
-    pipe = StableDiffusionPipeline.from_pretrained(check_generator_dir(base_model), safety_checker=None)
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    vae.requires_grad_(False).to(dev)
-    unet.to(dev)
-    text_encoder.to(dev)
-    tune_text = train_text_encoder and mode == "full"
-    text_encoder.requires_grad_(tune_text)
-    if mode == "lora":
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-            )
-        )
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if tune_text:
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)  # transformers >= 5 name
-            (enable or text_encoder.gradient_checkpointing_enable)()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if tune_text:
-        params += list(text_encoder.parameters())
-    optimizer = _optimizer(params, learning_rate, use_8bit_adam, dev)
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
-
-    pixels = _to_pixels(images, resolution).to(dev)
-    mask_pixels = _to_masks(masks, resolution).to(dev) if masked else None
-    class_pixels = _to_pixels(class_images, resolution).to(dev) if class_images and prior_weight > 0 else None
-
-    def encode_text(prompt: str, n: int) -> torch.Tensor:
-        ids = tokenizer(
-            [prompt] * n,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(dev)
-        return text_encoder(ids)[0]
-
-    rng = torch.Generator().manual_seed(seed)
-    unet.train()
-    text_encoder.train(tune_text)
-    losses: list[float] = []
-    for step in range(steps):
-        pick = torch.randint(len(images), (batch_size,), generator=rng)
-        batch = pixels[pick]
-        weight_masks = mask_pixels[pick] if mask_pixels is not None else None
-        n_class = 0
-        if class_pixels is not None:
-            batch = torch.cat([batch, class_pixels[torch.randint(len(class_pixels), (batch_size,), generator=rng)]])
-            n_class = batch_size
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            with torch.no_grad():
-                latents = vae.encode(batch).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=dev)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            text = torch.cat(
-                [encode_text(instance_prompt(category), batch_size)]
-                + ([encode_text(class_prompt(category), n_class)] if n_class else [])
-            )
-            pred = unet(noisy, t, text).sample
-            target = noise
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, t)
-            weight = compute_loss_weight(weight_masks, latents.shape[-2:]) if weight_masks is not None else None
-            loss = compute_masked_mse(pred[:batch_size], target[:batch_size], weight)
-            if n_class:
-                loss = loss + prior_weight * compute_masked_mse(pred[batch_size:], target[batch_size:], None)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"DreamBooth loss became {loss.item()} at step {step}; lower the learning rate")
-        losses.append(float(loss.item()))
-    save_dreambooth(pipe, out_dir, mode, base_model, ("unet", "text_encoder") if tune_text else ("unet",))
-    return {"losses": losses, "mode": mode, "path": str(out_dir)}
+    run = DreamboothRun(base_model, images, category, **settings)
+    if resume is not None:
+        run.load_state_dict(resume)
+    while run.step_index < steps:
+        run.step()
+        if on_checkpoint is not None and checkpoint_every and run.step_index % checkpoint_every == 0:
+            on_checkpoint(run.state_dict())
+    run.save(out_dir)
+    return {"losses": run.losses, "mode": run.mode, "path": str(out_dir)}
 
 
 def save_dreambooth(pipe, out_dir: str | Path, mode: str, base_model: str | Path = "", components=("unet",)) -> Path:

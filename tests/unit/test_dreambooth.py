@@ -176,3 +176,25 @@ def test_bad_inputs_fail_early(sd_dir, photos, tmp_path):
         check_generator_dir(tmp_path / "not_sd")
     with pytest.raises(DreamboothError, match="model_index.json"):
         train_dreambooth(tmp_path / "not_sd", images, "mug", tmp_path / "y", steps=1, resolution=RES)
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_like_an_uninterrupted_one(sd_dir, photos, tmp_path):
+    """Stopped after 2 of 4 steps and resumed in a fresh process-like run: same losses, same adapter weights."""
+    images, masks = photos
+    settings = dict(mode="lora", learning_rate=1e-2, resolution=RES, lora_rank=4, masks=masks, masked=True)
+    straight = train_dreambooth(sd_dir, images, "mug", tmp_path / "straight", steps=4, **settings)
+    saved = []
+    train_dreambooth(
+        sd_dir, images, "mug", tmp_path / "first", steps=2, checkpoint_every=2, on_checkpoint=saved.append, **settings
+    )
+    path = tmp_path / "state.pt"
+    torch.save(saved[-1], path)  # through the disk, as Ray Train's checkpoint does
+    resumed = train_dreambooth(
+        sd_dir, images, "mug", tmp_path / "resumed", steps=4, resume=torch.load(path, weights_only=True), **settings
+    )
+    assert resumed["losses"] == straight["losses"]
+    a, b = (
+        safetensors.torch.load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+        for name in ("straight", "resumed")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
