@@ -60,9 +60,9 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
     os.environ.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
     )
-    _reload_auth_settings()
     token_file = None
     try:
+        _reload_auth_settings()
         multi_node, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
             context = ray.init(address="local", _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_kwargs)
