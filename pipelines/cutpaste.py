@@ -8,7 +8,6 @@ object refs, so workers on other nodes need no shared filesystem.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -123,11 +122,10 @@ def run(cfg: ExperimentConfig) -> Path:
     """Composite every selected instance; each instance commits ``OUT/cutpaste/<instance>/`` on its own as soon
     as its composites are in, so a crash keeps the finished instances and adding one redoes only it."""
     ingest = stage_dir(cfg, "ingest")
-    images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
-    for path in (images_path, instances_path):
-        if not path.is_file():
-            raise MissingInputError(f"{path} does not exist; run `personalize ingest` first")
-    instances = json.loads(instances_path.read_text())
+    images_path = ingest / "images.parquet"
+    instances = common.load_instances(cfg)
+    if not images_path.is_file():
+        raise MissingInputError(f"{images_path} does not exist; run `personalize ingest` first")
     instance_ids = select_instances(cfg, instances)
     n = cfg.cutpaste.images_per_instance if cfg.cutpaste.enabled else 0
     real = _load_real_rows(images_path, instance_ids) if n else None
