@@ -319,6 +319,28 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class FindConfig:
+    """`personalize find`: rank a folder of photos by how likely each shows the object (personalized and pretrained).
+
+    The instances are ``data.instances`` (default: every selected instance, as for the other stages).
+    """
+
+    gallery: str = ""  # folder of photos to search, read recursively
+    top_k: int = 48  # hits shown as thumbnails on OUT/find/<instance>/index.html
+    batch_size: int = 32  # photos per embedding batch
+    num_actors: int = 0  # embedding actors (each loads both encoders); 0 = one per GPU, else one
+
+    def validate(self) -> None:
+        check_positive(self.top_k, "find.top_k")
+        check_positive(self.batch_size, "find.batch_size")
+        check_positive(self.num_actors, "find.num_actors", allow_zero=True)
+        if self.gallery:
+            require(
+                Path(self.gallery).is_dir(), "find.gallery", f"{self.gallery} is not a folder; pass find.gallery=DIR"
+            )
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "outputs/experiment"
@@ -332,6 +354,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    find: FindConfig = field(default_factory=FindConfig)
 
     def validate(self) -> None:
         require(bool(self.output_dir), "output_dir", "pass output_dir=DIR")

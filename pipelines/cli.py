@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cutpaste": ("cutpaste", "paste the masked real object onto backgrounds (Ray Data tasks)"),
     "train": ("train", "LoRA InfoNCE fine-tuning of the vision encoder (Ray Train)"),
     "evaluate": ("evaluate", "pretrained vs personalized encoder on the four tasks"),
+    "find": ("find", "rank a folder of photos by how likely each shows the object (personalized vs pretrained)"),
     "run": ("run", "all stages end to end, then summary.json and report.html"),
     "sweep": ("sweep", "Ray Tune over config keys (--space tune_spaces/NAME.yaml), scored on val instances"),
     "make-toy": ("make_toy", "write the procedural toy benchmark in the PODS layout"),
