@@ -38,6 +38,14 @@ __all__ = [
     "to_dict",
 ]
 
+# Where a stage's GPU work runs (pipelines/resources.py: wants_gpu): "auto" asks for GPUs when the cluster has
+# some or its autoscaler can add a node with some, else runs on CPU; true always asks; false never does.
+GpuChoice = Literal["auto", True, False]
+
+
+def check_gpu_choice(value: object, key: str) -> None:
+    require(value == "auto" or isinstance(value, bool), key, f"must be auto, true or false, got {value!r}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -134,6 +142,7 @@ class DreamboothConfig:
     gradient_checkpointing: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     use_8bit_adam: bool = True
+    use_gpu: GpuChoice = "auto"  # the trainings and the class images (see GpuChoice)
 
     @property
     def effective_learning_rate(self) -> float:
@@ -150,6 +159,7 @@ class DreamboothConfig:
         check_positive(self.prior_weight, "dreambooth.prior_weight", allow_zero=True)
         check_positive(self.class_images, "dreambooth.class_images", allow_zero=True)
         check_positive(self.lora_rank, "dreambooth.lora_rank")
+        check_gpu_choice(self.use_gpu, "dreambooth.use_gpu")
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,7 @@ class GenerateConfig:
     batch_size: int = 4
     num_actors: int = 1
     gpus_per_actor: float = 1.0
+    use_gpu: GpuChoice = "auto"  # the samplers, gpus_per_actor each (see GpuChoice)
 
     def validate(self) -> None:
         check_positive(self.positives_per_instance, "generate.positives_per_instance", allow_zero=True)
@@ -187,6 +198,7 @@ class GenerateConfig:
         check_positive(self.batch_size, "generate.batch_size")
         check_positive(self.num_actors, "generate.num_actors")
         check_positive(self.gpus_per_actor, "generate.gpus_per_actor", allow_zero=True)
+        check_gpu_choice(self.use_gpu, "generate.use_gpu")
         if self.prompts_file:
             require(
                 Path(self.prompts_file).is_file(),
@@ -207,11 +219,13 @@ class FilterConfig:
     sam_weights: str = ""
     num_actors: int = 1
     batch_size: int = 16
+    use_gpu: GpuChoice = "auto"  # the DreamSim scorers, a quarter GPU each, in generate and filter (see GpuChoice)
 
     def validate(self) -> None:
         check_fraction(self.threshold, "filter.threshold")
         check_positive(self.num_actors, "filter.num_actors")
         check_positive(self.batch_size, "filter.batch_size")
+        check_gpu_choice(self.use_gpu, "filter.use_gpu")
         require(
             self.masker != "sam" or bool(self.sam_weights),
             "filter.sam_weights",
@@ -244,7 +258,7 @@ class TrainConfig:
     epochs: int = 2
     augment: bool = True
     num_workers: int = 1  # Ray Train workers (DDP ranks)
-    use_gpu: bool = False
+    use_gpu: GpuChoice = False  # the Ray Train workers; false unless asked (auto works too, see GpuChoice)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 1
     checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
@@ -252,6 +266,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_positive(self.temperature, "train.temperature")
+        check_gpu_choice(self.use_gpu, "train.use_gpu")
         check_positive(self.margin, "train.margin", allow_zero=True)
         for key in ("num_triplets", "batch_size", "epochs", "num_workers"):
             check_positive(getattr(self, key), f"train.{key}")
@@ -290,6 +305,7 @@ class EvaluateConfig:
     num_actors: int = 1
     dense_image_size: int = 448  # input side for patch features (896 for /14 and 1024 for /16 in the paper)
     min_object_pixels: int = 100
+    use_gpu: GpuChoice = "auto"  # the embedding actors, one GPU each (see GpuChoice)
 
     def validate(self) -> None:
         allowed = ("classification", "retrieval", "detection", "segmentation")
@@ -299,6 +315,7 @@ class EvaluateConfig:
         check_positive(self.num_actors, "evaluate.num_actors")
         check_positive(self.dense_image_size, "evaluate.dense_image_size")
         check_positive(self.min_object_pixels, "evaluate.min_object_pixels", allow_zero=True)
+        check_gpu_choice(self.use_gpu, "evaluate.use_gpu")
 
 
 @dataclass(frozen=True)

@@ -24,21 +24,16 @@ from pathlib import Path
 
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
-from personalization.config import ExperimentConfig, to_dict
+from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
 from personalization.synthesis.dreambooth import DreamboothError, check_generator_dir
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, worker_resources, write_failures
+from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "dreambooth"
 log = logging.getLogger(f"personalize.{STAGE}")
-
-
-def _gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def load_real_photos(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, list[dict]]:
@@ -96,7 +91,7 @@ def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
     config = _class_config(cfg, category)
 
     def build(tmp_dir: Path) -> int:
-        task = ray.remote(num_gpus=1 if _gpus() else 0)(_make_class_images)
+        task = ray.remote(num_gpus=1 if wants_gpu(cfg, STAGE) else 0)(_make_class_images)
         blobs = ray.get(task.remote(config))
         rows = [
             schema.make_row(
@@ -120,7 +115,7 @@ def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
 
 def _instance_config(cfg: ExperimentConfig, category: str) -> dict:
     return {
-        "dreambooth": to_dict(cfg.dreambooth),
+        "dreambooth": without_placement(cfg.dreambooth),
         "category": category,
         "seed": cfg.seed,
         "class_images": _class_config(cfg, category) if _uses_prior(cfg) else None,
@@ -204,7 +199,7 @@ def run(cfg: ExperimentConfig) -> Path:
         for category in sorted({instances[i]["category"] for i in todo}) if _uses_prior(cfg) else []:
             table = schema.read_image_table(run_class_images(cfg, category), columns=["image"])
             class_refs[category] = ray.put(table.column("image").to_pylist())
-        use_gpu = _gpus()
+        use_gpu = wants_gpu(cfg, STAGE)
         log.info("dreambooth: training %s (%s, %d steps)", todo, cfg.dreambooth.mode, cfg.dreambooth.steps)
 
         def fit(instance_id: str) -> None:

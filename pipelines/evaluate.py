@@ -44,6 +44,7 @@ from personalization.evaluation.retrieval import evaluate_retrieval
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import without_failed
+from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "evaluate"
 DENSE_TASKS = ("detection", "segmentation")
@@ -159,7 +160,7 @@ def compute_features(
     if not work:
         return result
     batch = cfg.evaluate.batch_size
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = 1.0 if wants_gpu(cfg, STAGE) else 0.0
     dataset = ray.data.from_items(work, override_num_blocks=max(1, math.ceil(len(work) / batch)))
     dataset = dataset.map_batches(
         actor,
@@ -376,7 +377,7 @@ def run(cfg: ExperimentConfig) -> Path:
                 "the reference from the object's mask; add train_masks/<instance>/ and re-run `personalize ingest`, "
                 "or drop detection and segmentation from evaluate.tasks"
             )
-    config = {"model": to_dict(cfg.model), "evaluate": to_dict(cfg.evaluate), "instances": instances}
+    config = {"model": to_dict(cfg.model), "evaluate": without_placement(cfg.evaluate), "instances": instances}
     inputs = {"ingest": ingest, **{f"train/{i}": path for i, path in adapters.items()}}
 
     def make(tmp: Path) -> int:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from personalization import schema
 from personalization.artifacts import commit_stage
-from personalization.config import ExperimentConfig, to_dict
+from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
 from personalization.filtering.embedders import check_dreamsim_cache
 from personalization.filtering.scorer import Scorer, check_real_table
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 from pipelines.generate import batch_to_table, scorer_kwargs
+from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "filter"
 log = logging.getLogger(f"personalize.{STAGE}")
@@ -34,7 +35,7 @@ def run(cfg: ExperimentConfig) -> Path:
     check_dreamsim_cache(cfg.filter.cache_dir, cfg.filter.dreamsim_type)
     ids = schema.read_image_table(positives, columns=["instance_id"]).column("instance_id").to_pylist()
     check_real_table(real, set(ids))
-    stage_config = {"filter": {k: v for k, v in to_dict(cfg.filter).items() if k != "threshold"}}
+    stage_config = {"filter": {k: v for k, v in without_placement(cfg.filter).items() if k != "threshold"}}
 
     def build(tmp_dir: Path) -> int:
         files = [str(f) for f in schema.parquet_files(positives)]
@@ -48,7 +49,7 @@ def run(cfg: ExperimentConfig) -> Path:
                 batch_size=cfg.filter.batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=cfg.filter.num_actors),
-                num_gpus=0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0,
+                num_gpus=0.25 if wants_gpu(cfg, STAGE) else 0.0,
             )
             dataset = dataset.map_batches(batch_to_table, batch_size=cfg.filter.batch_size, batch_format="numpy")
             dataset.write_parquet(str(tmp_dir), compression="zstd")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest
-from personalization.config import ExperimentConfig, to_dict
+from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
@@ -34,6 +34,7 @@ from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import without_failed
 from pipelines.metrics import record_filter_batch
+from pipelines.resources import cluster_capacity, wants_gpu, without_placement
 
 STAGE = "generate"
 log = logging.getLogger(f"personalize.{STAGE}")
@@ -43,21 +44,17 @@ def negative_prompt(category: str) -> str:
     return f"a photo of {category}"
 
 
-def _has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def scorer_gpus(cfg: ExperimentConfig, sampler_gpus: float) -> float:
-    """A quarter GPU per scorer when the samplers leave that much free, else the scorers run on CPU."""
-    import ray
-
-    free = ray.cluster_resources().get("GPU", 0) - cfg.generate.num_actors * sampler_gpus
-    if sampler_gpus and free < 0.25 * cfg.filter.num_actors:
-        log.warning("generate: no GPU left for the DreamSim scorers (set generate.gpus_per_actor=0.5 to share)")
+    """A quarter GPU per DreamSim scorer when ``filter.use_gpu`` asks for GPUs; under ``auto``, the scorers run on
+    CPU when the samplers fill every GPU the cluster can hold (counting the nodes its autoscaler can add)."""
+    if not wants_gpu(cfg, "filter"):
         return 0.0
-    return 0.25 if sampler_gpus else 0.0
+    if cfg.filter.use_gpu == "auto" and sampler_gpus:
+        free = cluster_capacity().get("GPU", 0) - cfg.generate.num_actors * sampler_gpus
+        if free < 0.25 * cfg.filter.num_actors:
+            log.warning("generate: no GPU left for the DreamSim scorers (set generate.gpus_per_actor=0.5 to share)")
+            return 0.0
+    return 0.25
 
 
 def _sampler_kwargs(cfg: ExperimentConfig) -> dict:
@@ -105,7 +102,7 @@ def run_generation(
     from personalization.synthesis.sampler import ImageSampler
 
     gen = cfg.generate
-    gpus = gen.gpus_per_actor if _has_gpus() else 0
+    gpus = gen.gpus_per_actor if wants_gpu(cfg, STAGE) else 0
     # Both actor pools must fit beside the small tasks that feed and write them, or the stream stalls (2-CPU box).
     actors = gen.num_actors + (cfg.filter.num_actors if scorer_kwargs is not None else 0)
     cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / (actors + 1))
@@ -293,9 +290,9 @@ def run_positives(
     configs = {
         i: {
             "sampling": _sampling_config(cfg),
-            "generate": to_dict(gen),
+            "generate": without_placement(gen),
             "prompts": prompts[i],
-            "filter": to_dict(cfg.filter) if filtered else None,
+            "filter": without_placement(cfg.filter) if filtered else None,
             "source": positive_source(cfg),
             "instance": i,
         }

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig
 from pipelines.common import stage_dir
+from pipelines.resources import cluster_capacity
 
 log = logging.getLogger("personalize.instances")
 
@@ -37,14 +38,12 @@ def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
 
 def concurrency(cfg: ExperimentConfig, per_run: Mapping[str, float], pending: int) -> int:
     """How many per-instance runs go at once: ``ray.max_concurrent`` if set, else as many as the cluster's
-    resources hold side by side (at least one, at most ``pending``)."""
+    resources hold side by side, counting the nodes its autoscaler can add (at least one, at most ``pending``)."""
     if pending <= 0:
         return 0
     if cfg.ray.max_concurrent:
         return min(cfg.ray.max_concurrent, pending)
-    import ray
-
-    total = ray.cluster_resources()
+    total = cluster_capacity()
     fits = [math.floor(total.get(key, 0.0) / need + 1e-9) for key, need in per_run.items() if need > 0]
     return max(1, min([*fits, pending]))
 

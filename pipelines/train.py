@@ -50,6 +50,7 @@ from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, without_failed, worker_resources
 from pipelines.metrics import set_train_loss
+from pipelines.resources import wants_gpu
 
 log = logging.getLogger("personalize.train")
 STAGE = "train"
@@ -201,6 +202,7 @@ def run(
             resolved_config=resolved(cfg),
         )  # fmt: skip
 
+    cfg = replace(cfg, **{"train.use_gpu": wants_gpu(cfg, STAGE)})  # auto -> true/false, after the hash
     per_worker = worker_resources(cfg, cfg.train.use_gpu)
     per_run = {key: amount * cfg.train.num_workers for key, amount in per_worker.items()}
     failures = run_each(cfg, STAGE, list(todo), fit, per_run=per_run)
