@@ -73,9 +73,19 @@ def embed_items(encoders: Mapping, known: Mapping[str, set], paths: Sequence[str
             continue
         out["sha256"].append(sha)
         out["error"].append("")
+    shared: dict = {}  # transform key -> pixels of every decoded image: one preprocessing for both encoders
+    rows = {k: row for row, k in enumerate(images)}
     for name, encoder in encoders.items():
         todo = [k for k in images if out["sha256"][k] not in known.get(name, ())]
-        for k, vector in zip(todo, encoder.embed([images[k] for k in todo]), strict=True):
+        if not todo:
+            continue
+        if hasattr(encoder, "preprocess"):
+            if encoder.transform_key not in shared:
+                shared[encoder.transform_key] = encoder.preprocess(list(images.values()))
+            vectors = encoder.embed(shared[encoder.transform_key][[rows[k] for k in todo]])
+        else:
+            vectors = encoder.embed([images[k] for k in todo])
+        for k, vector in zip(todo, vectors, strict=True):
             out[name][k] = np.ascontiguousarray(vector, np.float32).tobytes()
     return out
 

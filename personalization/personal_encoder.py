@@ -117,15 +117,25 @@ class PersonalEncoder:
         kind = "personalized" if self.personalized else "pretrained"
         return f"PersonalEncoder({self.instance_id!r}, {kind} {self.model_cfg.backbone}, device={self.device})"
 
+    @property
+    def transform_key(self) -> tuple[str, int]:
+        """Encoders with equal keys preprocess alike (the pretrained twin shares its personalized encoder's)."""
+        return self.model_cfg.backbone, self.model_cfg.image_size
+
+    def preprocess(self, images: Iterable[ImageLike]) -> torch.Tensor:
+        """(N, 3, S, S) pixels of the eval transform, on the CPU (to embed with another encoder of the same key)."""
+        return torch.stack([self.transform(open_image(image)) for image in images])
+
     @torch.inference_mode()
-    def embed(self, images: Iterable[ImageLike]) -> np.ndarray:
-        """(N, D) float32 unit embeddings of PIL images or photo paths, ``batch_size`` at a time."""
-        images = list(images)
+    def embed(self, images: Iterable[ImageLike] | torch.Tensor) -> np.ndarray:
+        """(N, D) float32 unit embeddings of PIL images or photo paths (or :meth:`preprocess` output), in batches."""
+        images = images if isinstance(images, torch.Tensor) else list(images)
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            batch = [self.transform(open_image(image)) for image in images[start : start + self.batch_size]]
-            pixels = torch.stack(batch).to(self.device)
-            chunks.append(self.encoder.embed(pixels, kind=self.model_cfg.eval_feature).float().cpu().numpy())
+            batch = images[start : start + self.batch_size]
+            pixels = batch if isinstance(batch, torch.Tensor) else self.preprocess(batch)
+            embedded = self.encoder.embed(pixels.to(self.device), kind=self.model_cfg.eval_feature)
+            chunks.append(embedded.float().cpu().numpy())
         dim = self.encoder.embed_dim(self.model_cfg.eval_feature)
         return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
 

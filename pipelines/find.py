@@ -67,10 +67,18 @@ def _object_array(values: list):
     return array
 
 
+MAX_CPU_ACTORS = 8  # each actor holds two encoders in memory
+
+
 def _actors(cfg) -> tuple[int, float]:
-    """(pool size, GPUs per actor): one actor per GPU when the cluster has GPUs, else ``find.num_actors`` or 1."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return (cfg.find.num_actors or max(1, gpus), 1.0) if gpus else (cfg.find.num_actors or 1, 0.0)
+    """(pool size, GPUs per actor): ``find.num_actors``, or by default one actor per GPU when the cluster has GPUs,
+    else one single-threaded actor per CPU (up to MAX_CPU_ACTORS; measured: 2 actors on 2 cores embed 1.7x faster
+    than one)."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        return cfg.find.num_actors or gpus, 1.0
+    return cfg.find.num_actors or max(1, min(cpus, MAX_CPU_ACTORS)), 0.0
 
 
 def embed_gallery(cfg, adapter: Path, items: list[dict], caches: dict[str, EmbeddingCache]) -> dict:
