@@ -346,6 +346,7 @@ class FindConfig:
     top_k: int = 48  # hits shown as thumbnails on OUT/find/<instance>/index.html
     batch_size: int = 32  # photos per embedding batch
     num_actors: int = 0  # embedding actors (each loads both encoders); 0 = one per GPU, else one per CPU (<= 8)
+    localize: bool = False  # also a box and mask per top hit (evaluation's dense predictor, evaluate.dense_*)
 
     def validate(self) -> None:
         check_positive(self.top_k, "find.top_k")

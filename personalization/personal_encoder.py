@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,8 +34,11 @@ import yaml
 from PIL import Image
 
 from personalization.artifacts import RESOLVED_CONFIG, hash_config, input_hash
-from personalization.config import ModelConfig, build_config
+from personalization.config import ModelConfig, build_config, to_dict
 from personalization.errors import MissingInputError, UserError
+
+if TYPE_CHECKING:
+    from personalization.evaluation.dense import DensePrediction
 
 ImageLike = Image.Image | str | os.PathLike
 EXPECTED = (
@@ -202,6 +206,54 @@ def load_reference_images(adapter_dir: str | Path) -> list[Image.Image]:
     return [decode_image(blob) for blob in load_reference_bytes(adapter_dir)]
 
 
+def localize(
+    adapter_dir: str | Path,
+    images: Sequence[ImageLike],
+    *,
+    dense_size: int = 448,
+    min_object_pixels: int = 100,
+    max_side: int = 1024,
+) -> list[DensePrediction | None]:
+    """Where the object is in each image: evaluation's dense predictor (personalized patch features, the reference
+    of the object's first masked train photo, Otsu mask, its box, confidence from the train box means).
+
+    Each image is first downscaled to at most ``max_side`` px; the returned mask and box (x, y, w, h) are in those
+    pixels, so divide by ``mask.shape`` for fractions. None where nothing is segmented or the image is unreadable.
+    """
+    from personalization.evaluation.dense import DensePrediction
+    from personalization.evaluation.extract import FeatureExtractor
+    from personalization.schema import decode_mask, encode_png, read_image_table
+
+    adapter_dir = Path(adapter_dir)
+    table = read_image_table(ingest_dir(adapter_dir) / "images.parquet", columns=["image", "mask"],
+                             role="real_train", instance_id=adapter_dir.name)  # fmt: skip
+    table = table.filter(table["mask"].is_valid())
+    if table.num_rows == 0:
+        raise UserError(
+            f"find.localize: {adapter_dir.name!r} has no masked photo in its ingest table to take the object's "
+            "reference from; re-run ingest with masks (or derived masks), or set find.localize=false"
+        )
+    extractor = FeatureExtractor(to_dict(read_model_config(adapter_dir)), str(adapter_dir), dense_size=dense_size)
+    references, box_means = extractor.templates(table["image"].to_pylist(), table["mask"].to_pylist())
+    templates = {"object": (references[0].astype(np.float64), box_means.astype(np.float64))}
+    shrunk = {}
+    for k, image in enumerate(images):
+        try:
+            image = open_image(image).convert("RGB")
+        except (UserError, OSError):
+            continue  # unreadable now (changed since it was ranked): no prediction
+        image.thumbnail((max_side, max_side))
+        shrunk[str(k)] = image
+    pngs, sizes = [encode_png(im) for im in shrunk.values()], [(im.height, im.width) for im in shrunk.values()]
+    found = extractor.predict(pngs, list(shrunk), sizes, templates, min_object_pixels)
+    predictions: list[DensePrediction | None] = [None] * len(images)
+    for k, image_id in enumerate(found["image_id"]):
+        mask = decode_mask(found["mask"][k])
+        box = tuple(float(v) for v in found["box"][k])
+        predictions[int(image_id)] = DensePrediction(str(image_id), mask, box, float(found["score"][k]))
+    return predictions
+
+
 def load_encoder(
     path: str | os.PathLike, *, pretrained: bool = False, device: str = "", batch_size: int = 32
 ) -> PersonalEncoder:
@@ -214,4 +266,4 @@ def load_encoder(
     return PersonalEncoder(path, pretrained=pretrained, device=device, batch_size=batch_size)
 
 
-__all__ = ["PersonalEncoder", "compute_scores", "encoder_identity", "load_encoder"]
+__all__ = ["PersonalEncoder", "compute_scores", "encoder_identity", "load_encoder", "localize"]

@@ -12,7 +12,10 @@ classification scores test images. Writes, per instance, ``OUT/find/<instance>/`
 - ``results.csv``: ``rank, path, score, pretrained_score, pretrained_rank, sha256``, sorted by ``score``;
 - ``index.html``: the top ``find.top_k`` hits of each encoder as thumbnails, both scores and ranks on each;
 - ``skipped.csv``: ``path, reason`` of every file that is not a readable photo (never fatal);
-- ``summary.json``: counts (photos, skipped, embedded now per encoder, from cache) and seconds; ``config.yaml``.
+- ``summary.json``: counts (photos, skipped, embedded now per encoder, from cache) and seconds; ``config.yaml``;
+- with ``find.localize=true``, for each top hit: evaluation's dense predictor (``evaluate.dense_image_size``,
+  ``evaluate.min_object_pixels``) run as one Ray task adds ``box`` (x0,y0,x1,y1 fractions), ``box_score`` and
+  ``mask`` (``masks/hit_<rank>.png``) to results.csv, and draws them on the page's thumbnails.
 
 ``OUT/find/cache/<encoder identity>/part-*.parquet`` holds the embeddings (see personalization.gallery), so a
 re-run on a grown gallery embeds only new or changed files, and the pretrained embeddings serve every instance.
@@ -24,6 +27,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +40,13 @@ from personalization.errors import MissingInputError, UserError
 from personalization.find_page import make_thumbnail, render_find_page
 from personalization.gallery import RESULT_COLUMNS, EmbeddingCache, embed_items, format_csv, list_gallery, rank_rows
 from personalization.personal_encoder import encoder_identity, load_reference_bytes
+from personalization.schema import encode_mask
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 
 STAGE = "find"
 ENCODERS = ("personalized", "pretrained")
+LOCALIZE_COLUMNS = ("box", "box_score", "mask")
 log = logging.getLogger(f"personalize.{STAGE}")
 
 
@@ -127,16 +134,8 @@ def find_instance(cfg, instance: str, photos: list[Path], listed_skips: list[tup
     shas = {sha for _path, sha in seen["photos"]}
     scores = {name: cache.score(shas, cache.vectors(references)) for name, cache in caches.items()}
     rows = rank_rows(seen["photos"], scores["personalized"], scores["pretrained"])
-    write_text_atomic(out / "results.csv", format_csv(rows, RESULT_COLUMNS))
-    write_text_atomic(
-        out / "skipped.csv", format_csv([{"path": p, "reason": r} for p, r in skipped], ("path", "reason"))
-    )
-    shown = {row["path"] for row in rows[: cfg.find.top_k]}
-    shown |= {row["path"] for row in rows if row["pretrained_rank"] <= cfg.find.top_k}
-    thumbnails = {path: make_thumbnail(path) for path in shown}
-    page = render_find_page(instance, rows, thumbnails, top_k=cfg.find.top_k, gallery=cfg.find.gallery,
-                            skipped=len(skipped))  # fmt: skip
-    write_text_atomic(out / "index.html", page)
+    located = _localize(cfg, adapter, rows[: cfg.find.top_k], out) if cfg.find.localize else {}
+    write_outputs(cfg, instance, out, rows, skipped, located)
     summary = {
         "instance": instance,
         "gallery": str(cfg.find.gallery),
@@ -144,15 +143,68 @@ def find_instance(cfg, instance: str, photos: list[Path], listed_skips: list[tup
         "skipped": len(skipped),
         "embedded": seen["embedded"],
         "from_cache": {name: len(rows) - count for name, count in seen["embedded"].items()},
+        "located": len(located),
         "seconds": round(time.time() - started, 3),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "config.yaml", _yaml(resolved(cfg)))
     log.info("find %s: %d photos ranked (embedded now: %d personalized, %d pretrained; the rest from cache), "
              "%d skipped, %.1f s", instance, len(rows), seen["embedded"]["personalized"],
              seen["embedded"]["pretrained"], len(skipped), summary["seconds"])  # fmt: skip
     log.info("find %s: open %s", instance, out / "index.html")
     return out / "index.html"
+
+
+def write_outputs(cfg, instance: str, out: Path, rows: list[dict], skipped: list, located: dict) -> None:
+    """results.csv, skipped.csv, index.html and config.yaml, each written whole (temporary file, rename)."""
+    columns = RESULT_COLUMNS + (LOCALIZE_COLUMNS if cfg.find.localize else ())
+    write_text_atomic(out / "results.csv", format_csv(rows, columns))
+    skipped_rows = [{"path": path, "reason": reason} for path, reason in skipped]
+    write_text_atomic(out / "skipped.csv", format_csv(skipped_rows, ("path", "reason")))
+    shown = {row["path"] for row in rows[: cfg.find.top_k]}
+    shown |= {row["path"] for row in rows if row["pretrained_rank"] <= cfg.find.top_k}
+    thumbnails = {path: make_thumbnail(path) for path in shown}
+    page = render_find_page(instance, rows, thumbnails, top_k=cfg.find.top_k, gallery=cfg.find.gallery,
+                            skipped=len(skipped), located=located)  # fmt: skip
+    write_text_atomic(out / "index.html", page)
+    write_text_atomic(out / "config.yaml", _yaml(resolved(cfg)))
+
+
+@ray.remote
+def _localize_task(adapter: str, paths: list[str], dense_size: int, min_object_pixels: int) -> list:
+    from personalization.personal_encoder import localize
+
+    return localize(adapter, paths, dense_size=dense_size, min_object_pixels=min_object_pixels)
+
+
+def _localize(cfg, adapter: Path, top: list[dict], out: Path) -> dict[str, bytes | None]:
+    """Box, confidence and mask of the object in each top hit (one Ray task, on a GPU when the cluster has one):
+    adds ``box`` (x0,y0,x1,y1 as fractions of the photo), ``box_score`` and ``mask`` (a PNG under masks/) to the
+    rows; returns thumbnails with the mask drawn on, by path."""
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    task = _localize_task.options(num_gpus=gpus)
+    paths = [row["path"] for row in top]
+    shutil.rmtree(out / "masks", ignore_errors=True)  # masks of an earlier run's hits
+    found = ray.get(task.remote(str(adapter), paths, cfg.evaluate.dense_image_size, cfg.evaluate.min_object_pixels))
+    located = {}
+    for row, prediction in zip(top, found, strict=True):
+        if prediction is None:
+            continue
+        height, width = prediction.mask.shape
+        x, y, w, h = prediction.box
+        row["box"] = ",".join(f"{v:.4f}" for v in (x / width, y / height, (x + w) / width, (y + h) / height))
+        row["box_score"] = prediction.score
+        row["mask"] = f"masks/hit_{row['rank']:05d}.png"
+        write_bytes_atomic(out / row["mask"], encode_mask(prediction.mask))
+        located[row["path"]] = make_thumbnail(row["path"], mask=prediction.mask)
+    log.info("find %s: the object located in %d of the top %d photos", adapter.name, len(located), len(top))
+    return located
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _yaml(data: dict) -> str:

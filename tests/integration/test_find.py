@@ -85,9 +85,27 @@ def test_find_ranks_writes_the_page_and_embeds_only_new_photos_again(trained, ca
 
     for k, photo in enumerate(photos[:2]):  # two new files: a copy under a new name is not new, so alter bytes
         (gallery / f"new_{k}.jpg").write_bytes(photo.read_bytes() + b"\0" * (k + 1))
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "find.localize=true"]) == 0  # the re-run also locates the object in the top 5
     summary = json.loads((out / "find" / "mug_01" / "summary.json").read_text())
     assert summary["embedded"] == {"personalized": 2, "pretrained": 2}
     assert summary["photos"] == len(photos) + 2
-    again = {row["path"]: row["score"] for row in _results(out)}
-    assert all(again[row["path"]] == row["score"] for row in rows)  # cached photos keep their exact scores
+    again = _results(out)
+    scores = {row["path"]: row["score"] for row in again}
+    assert all(scores[row["path"]] == row["score"] for row in rows)  # cached photos keep their exact scores
+    located = [row for row in again if row["box"]]
+    assert 1 <= len(located) == summary["located"] <= 5 and all(int(row["rank"]) <= 5 for row in located)
+    for row in located:
+        x0, y0, x1, y1 = map(float, row["box"].split(","))
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and (out / "find" / "mug_01" / row["mask"]).is_file()
+
+
+def test_find_names_what_is_missing(trained, capsys, tmp_path):
+    root, toy, common = trained
+    for extra, message in [
+        ([], "find.gallery: pass find.gallery=DIR"),
+        ([f"find.gallery={tmp_path}", "data.instances=[tote_01]"], "no personalized encoder for ['tote_01']"),
+        ([f"find.gallery={tmp_path}"], f"find.gallery={tmp_path}: no photos found"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["find", *common, *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -19,6 +19,7 @@ from personalization.config import build_config, save_config
 from personalization.errors import MissingInputError
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.models import apply_lora, build_encoder, save_adapter
+from personalization.personal_encoder import localize
 from personalization.schema import encode_png
 
 MODEL = {"backbone": "mobilenetv2", "image_size": 64, "lora_alpha": 16.0}
@@ -103,3 +104,17 @@ def test_a_wrong_folder_names_itself_and_what_is_expected(run, tmp_path, where, 
 def test_import_loads_no_model_library():
     code = "import sys, personalization; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_localize_returns_evaluations_dense_prediction_per_image(run, tmp_path):
+    out, photos = run
+    big = photos["mug_1"][1].resize((96, 72))
+    found = localize(out / "train" / "mug_1", [photos["mug_1"][0], big, tmp_path / "gone.jpg"], max_side=64,
+                     dense_size=64, min_object_pixels=4)  # fmt: skip
+    assert len(found) == 3 and found[2] is None  # an unreadable image has no prediction, and raises nothing
+    assert found[0].mask.shape == (48, 48) and found[1].mask.shape == (48, 64)  # at most max_side px
+    for prediction in found[:2]:
+        x, y, w, h = prediction.box
+        height, width = prediction.mask.shape
+        assert prediction.mask.any() and 0 <= x < x + w <= width and 0 <= y < y + h <= height
+        assert -1.0 <= prediction.score <= 1.0
