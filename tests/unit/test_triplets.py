@@ -132,7 +132,7 @@ def test_val_negatives_never_include_other_test_instances(tables):
     from personalization.contrastive.data import select_training_rows
 
     images, synthetic, instances = tables
-    rows = select_training_rows(images, synthetic, "mug_1", TrainConfig(), instances)
+    rows = select_training_rows(images, synthetic, "mug_1", TrainConfig(negatives="val"), instances)
     assert _instances_of(rows, rows.anchor_ids) == ({"mug_1"}, {"real"})
     assert _instances_of(rows, rows.positive_ids) == ({"mug_1"}, {"cutpaste"})
     assert _instances_of(rows, rows.negative_ids) == ({"mug_v"}, {"real", "cutpaste"})
@@ -181,7 +181,7 @@ def test_triplet_dataset_returns_transformed_triplets_and_decodes_once(tables):
     from personalization.contrastive.data import TripletDataset, select_training_rows
 
     images, synthetic, instances = tables
-    rows = select_training_rows(images, synthetic, "mug_1", TrainConfig(), instances)
+    rows = select_training_rows(images, synthetic, "mug_1", TrainConfig(negatives="val"), instances)
     triplets = sample_triplets(rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=20, seed=0)
     dataset = TripletDataset(rows.table, triplets, transforms.ToTensor(), max_side=15)
     assert len(dataset) == 20
