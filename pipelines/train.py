@@ -110,10 +110,7 @@ def resolve_negatives(
         return cfg
     selected = common.select_instances(cfg, instances) if selected is None else selected
     mode = choose_negatives(cfg.train, cfg.generate, instances, selected)
-    if mode == cfg.train.negatives:
-        return cfg
-    log.info("train: negatives=auto -> %s", mode)
-    return replace(cfg, **{"train.negatives": mode})
+    return cfg if mode == cfg.train.negatives else replace(cfg, **{"train.negatives": mode})
 
 
 def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
@@ -170,6 +167,7 @@ def run(
     """
     instances = common.load_instances(cfg)
     cfg = resolve_negatives(cfg, instances)
+    log.info("train: negatives: %s (contrastive/negatives.py says how auto picks)", cfg.train.negatives)
     inputs = stage_inputs(cfg)
     images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
     synthetic = _synthetic_table(cfg, inputs)
