@@ -142,6 +142,8 @@ class DreamboothConfig:
     gradient_checkpointing: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     use_8bit_adam: bool = True
+    checkpoint_every: int = 100  # steps between resumable checkpoints of a run (0 = none)
+    max_failures: int = 2  # restarts of a failed run, each from its last checkpoint
     use_gpu: GpuChoice = "auto"  # the trainings and the class images (see GpuChoice)
 
     @property
@@ -159,6 +161,8 @@ class DreamboothConfig:
         check_positive(self.prior_weight, "dreambooth.prior_weight", allow_zero=True)
         check_positive(self.class_images, "dreambooth.class_images", allow_zero=True)
         check_positive(self.lora_rank, "dreambooth.lora_rank")
+        check_positive(self.checkpoint_every, "dreambooth.checkpoint_every", allow_zero=True)
+        check_positive(self.max_failures, "dreambooth.max_failures", allow_zero=True)
         check_gpu_choice(self.use_gpu, "dreambooth.use_gpu")
 
 

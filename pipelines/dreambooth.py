@@ -33,6 +33,7 @@ from pipelines.instances import run_each, worker_resources, write_failures
 from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "dreambooth"
+CHECKPOINT_FILE = "dreambooth_state.pt"
 log = logging.getLogger(f"personalize.{STAGE}")
 
 
@@ -115,7 +116,10 @@ def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
 
 def _instance_config(cfg: ExperimentConfig, category: str) -> dict:
     return {
-        "dreambooth": without_placement(cfg.dreambooth),
+        # How often to checkpoint and how many restarts change how a run survives, not what it makes.
+        "dreambooth": {
+            k: v for k, v in without_placement(cfg.dreambooth).items() if k not in ("checkpoint_every", "max_failures")
+        },
         "category": category,
         "seed": cfg.seed,
         "class_images": _class_config(cfg, category) if _uses_prior(cfg) else None,
@@ -127,7 +131,10 @@ def _uses_prior(cfg: ExperimentConfig) -> bool:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train worker: trains the run's one instance and leaves its folder in the run's work folder."""
+    """Ray Train worker: trains the run's one instance and leaves its folder in the run's work folder.
+
+    Every ``checkpoint_every`` steps it reports a checkpoint (trained weights, optimizer, step, random states);
+    a restarted worker (``FailureConfig``) resumes from the last one and ends with the same weights."""
     import ray
     import ray.train
     import torch
@@ -138,28 +145,41 @@ def train_worker(config: dict) -> None:
     images = [schema.decode_image(p["image"]) for p in job["photos"]]
     masks = [schema.decode_mask(p["mask"]) if p["mask"] is not None else None for p in job["photos"]]
     class_images = [schema.decode_image(b) for b in ray.get(job["class_ref"])] if job["class_ref"] else []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / job["instance_id"]
-        result = train_dreambooth(
-            config["base_model"],
-            images,
-            job["category"],
-            out,
-            masks=masks,
-            masked=config["masked"],
-            class_images=class_images,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            seed=job["seed"],
-            **config["train_args"],
-        )
-        (out / "metrics.json").write_text(json.dumps({"dreambooth/loss": result["losses"]}))
-        # Into the run's shared work folder (the same storage Ray Train itself needs), complete or not at all.
-        final = Path(config["work_dir"]) / job["instance_id"]
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(out, partial)
-        partial.rename(final)
-    ray.train.report({"loss": result["losses"][-1]})
+    resume = None
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+        log.info("dreambooth %s: resuming at step %d", job["instance_id"], resume["step"])
+
+    def on_checkpoint(state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"loss": state["losses"][-1], "step": state["step"]}, checkpoint=checkpoint)
+
+    # Straight into the run's shared work folder (the storage Ray Train itself needs), complete or not at all.
+    final = Path(config["work_dir"]) / job["instance_id"]
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    train_args = dict(config["train_args"])
+    result = train_dreambooth(
+        config["base_model"],
+        images,
+        job["category"],
+        partial,
+        masks=masks,
+        masked=config["masked"],
+        class_images=class_images,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        seed=job["seed"],
+        checkpoint_every=config["checkpoint_every"],
+        on_checkpoint=on_checkpoint,
+        resume=resume,
+        **train_args,
+    )
+    (partial / "metrics.json").write_text(json.dumps({"dreambooth/loss": result["losses"]}))
+    partial.rename(final)
+    ray.train.report({"loss": result["losses"][-1], "step": len(result["losses"])})
 
 
 def _train_args(cfg: ExperimentConfig) -> dict:
@@ -227,7 +247,7 @@ def run(cfg: ExperimentConfig) -> Path:
 
 def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool) -> None:
     """One instance's DreamBooth as a one-worker Ray Train run; its folder lands in ``out_dir``."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     instance_id = job["instance_id"]
@@ -242,12 +262,18 @@ def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool)
             "base_model": cfg.dreambooth.base_model,
             "masked": cfg.dreambooth.masked,
             "train_args": _train_args(cfg),
+            "checkpoint_every": cfg.dreambooth.checkpoint_every,
             "work_dir": str(work_dir),
         },
         scaling_config=ScalingConfig(
             num_workers=1, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)
         ),
-        run_config=RunConfig(name=instance_id, storage_path=str(storage)),
+        run_config=RunConfig(
+            name=instance_id,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cfg.dreambooth.max_failures),
+        ),
     )
     try:
         trainer.fit()
