@@ -120,7 +120,7 @@ def test_run_isolates_a_failing_instance_then_retries_only_it(workspace, capsys,
         loss = json.loads((out / "train" / instance / "metrics.json").read_text())["loss"]
         assert np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4]), loss  # last epoch vs first
         assert (out / "train" / instance / "adapter_model.safetensors").is_file()
-    stages = ["ingest", "cutpaste", "train/mug_01", "train/tote_01", "evaluate"]
+    stages = ["ingest", "cutpaste/mug_01", "cutpaste/tote_01", "train/mug_01", "train/tote_01", "evaluate"]
     manifests = {stage: (out / stage / MANIFEST).read_text() for stage in stages}
 
     assert cli.main(_argv(toy, weights, out)) == 0  # a re-run skips every finished stage
