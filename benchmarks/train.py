@@ -35,9 +35,10 @@ def plain_loop(cfg) -> tuple[int, float]:
     )
     from personalization.schema import read_image_table
     from pipelines.common import stage_dir
-    from pipelines.train import _synthetic_table, build_lora_encoder, stage_inputs
+    from pipelines.train import _synthetic_table, build_lora_encoder, resolve_negatives, stage_inputs
 
     instances = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
+    cfg = resolve_negatives(cfg, instances, [INSTANCE])
     images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
     rows = select_training_rows(images, _synthetic_table(cfg, stage_inputs(cfg)), INSTANCE, cfg.train, instances)
     t = cfg.train

@@ -100,9 +100,25 @@ class EmbeddingCache:
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
 
+    @staticmethod
+    def _open(shard: Path) -> pq.ParquetFile:
+        """A cache shard, after checking it is one (a stray or damaged file gets an error naming it)."""
+        from personalization.errors import UserError
+
+        try:
+            parquet = pq.ParquetFile(shard)
+        except (OSError, pa.ArrowException) as error:
+            raise UserError(f"{shard}: unreadable embedding cache shard ({error}); delete it and find re-embeds") from None
+        if not parquet.schema_arrow.equals(CACHE_SCHEMA):
+            raise UserError(
+                f"{shard}: not an embedding cache shard (columns {parquet.schema_arrow.names}); delete it and "
+                "find re-embeds those photos"
+            )
+        return parquet
+
     def known(self) -> set[str]:
         """The hashes already embedded (reads only the hash column)."""
-        return {sha for shard in self.shards() for sha in pq.read_table(shard, columns=["sha256"])[0].to_pylist()}
+        return {sha for shard in self.shards() for sha in self._open(shard).read(columns=["sha256"])[0].to_pylist()}
 
     def add(self, sha: str, embedding: bytes) -> None:
         self._pending.append((sha, embedding))
@@ -131,7 +147,7 @@ class EmbeddingCache:
         """(hashes, (n, D) float32) of the cached embeddings whose hash is in ``wanted``, a batch at a time."""
         value_set = pa.array(sorted(wanted), pa.string())
         for shard in self.shards():
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows):
+            for batch in self._open(shard).iter_batches(batch_size=batch_rows):
                 batch = batch.filter(pc.is_in(batch["sha256"], value_set=value_set))
                 if batch.num_rows:
                     blobs = batch["embedding"].to_pylist()

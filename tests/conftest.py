@@ -8,12 +8,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def start_local_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local 2-CPU Ray for the whole session, started here and shut down here (never attaches elsewhere)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray_in_process():
+    """For a test that starts its own Ray in this process: the session's Ray (if up) is stopped first and
+    started again after, so the test sees what a fresh `personalize run` sees."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_up:
+        start_local_ray()

@@ -67,7 +67,7 @@ def test_four_trial_asha_sweep_writes_table_plots_and_best(toy, tmp_path, ray_lo
     instances = json.loads((out / "shared" / "ingest" / "instances.json").read_text())
     assert instances[state["instance"]]["split"] == "val"
     # Upstream stages ran once; every trial reads them through links and commits only its own adapter.
-    assert read_manifest(out / "shared" / "cutpaste") is not None
+    assert read_manifest(out / "shared" / "cutpaste" / state["instance"]) is not None
     trials = sorted((out / "trials").iterdir())
     assert len(trials) == 4
     for trial in trials:
@@ -107,9 +107,10 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
     for cache in caches:
         positives = cache / "generate" / "positives"
         table = read_image_table(positives)
-        assert read_manifest(positives)["rows"] == table.num_rows == 2  # one generator call per image
+        (instance,) = set(table["instance_id"].to_pylist())
+        assert read_manifest(positives / instance)["rows"] == table.num_rows == 2  # one generator call per image
         (value,) = set(table["cfg"].to_pylist())
-        generated[value] = read_manifest(positives)["created"]
+        generated[value] = read_manifest(positives / instance)["created"]
     assert sorted(generated) == [4.0, 7.5]
     # Each trial read the cache of its own value.
     for row in rows:

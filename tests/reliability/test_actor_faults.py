@@ -78,7 +78,8 @@ def test_sampler_actor_killed_mid_generation(ray_local, generate_workspace, zoo,
     assert faults.deaths(marker) == 1, "the fault was not injected"
     positives = out / "generate" / "positives"
     table = read_image_table(positives)
-    assert table.num_rows == 2 * PER_INSTANCE == read_manifest(positives)["rows"]
+    assert table.num_rows == 2 * PER_INSTANCE
+    assert [read_manifest(positives / i)["rows"] for i in ("mug_1", "mug_2")] == [PER_INSTANCE] * 2  # per instance
     _assert_complete(table, ["mug_1", "mug_2"], PER_INSTANCE)
     assert not list((out / "generate").glob(".*tmp-*")), "temporary build folders left behind"
 

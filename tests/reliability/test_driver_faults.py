@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from personalization.schema import read_image_table
 
 DRIVER = Path(__file__).with_name("driver.py")
-STAGES = ("ingest", "cutpaste")  # finished before train starts
+STAGES = ("ingest", "cutpaste/mug_01")  # finished before train starts (cutpaste commits per instance)
 
 
 def _command(hold: Path, out: Path, toy: Path, zoo: dict) -> list[str]:

@@ -65,7 +65,7 @@ def off_loopback(found: dict[str, set[tuple[str, int]]]) -> list[str]:
     )
 
 
-def test_local_run_listens_on_loopback_only_and_its_jobs_api_needs_the_token(monkeypatch):
+def test_local_run_listens_on_loopback_only_and_its_jobs_api_needs_the_token(monkeypatch, no_ray_in_process):
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what `make test` and the suite's conftest set

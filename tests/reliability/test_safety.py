@@ -64,6 +64,7 @@ def test_no_remote_code_and_no_unpickling():
 # Places that write torch pickles (read back only with weights_only=True), with the reason they are not safetensors.
 TORCH_SAVE_ALLOWED = {
     "pipelines/train.py": "Ray Train resume state (trainable LoRA tensors + optimizer state), never shipped",
+    "pipelines/dreambooth.py": "DreamBooth resume checkpoint (trainable weights + optimizer), never shipped",
     "personalization/zoo/dreamsim.py": "dreamsim's own cache format (.pth.tar) for the tiny offline test model",
 }
 # Places that read Parquet without `schema.read_image_table`, with the reason.
@@ -71,6 +72,7 @@ PARQUET_READ_ALLOWED = {
     "personalization/schema.py": "read_image_table itself: validate_table on every shard",
     "pipelines/train.py": "the run's own rows.parquet, written from a validated table a moment before",
     "pipelines/filter.py": "shards validated by read_image_table in the same run() before Ray reads them",
+    "personalization/gallery.py": "find's own embedding cache; EmbeddingCache._open checks the schema of each shard",
 }
 
 
