@@ -108,7 +108,9 @@ class EmbeddingCache:
         try:
             parquet = pq.ParquetFile(shard)
         except (OSError, pa.ArrowException) as error:
-            raise UserError(f"{shard}: unreadable embedding cache shard ({error}); delete it and find re-embeds") from None
+            raise UserError(
+                f"{shard}: unreadable embedding cache shard ({error}); delete it and find re-embeds"
+            ) from None
         if not parquet.schema_arrow.equals(CACHE_SCHEMA):
             raise UserError(
                 f"{shard}: not an embedding cache shard (columns {parquet.schema_arrow.names}); delete it and "
