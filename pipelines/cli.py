@@ -9,21 +9,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# command -> (module in pipelines/, one-line help). Modules are imported only when their command runs.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("ingest", "read a dataset folder (PODS / Dogs / DF2 / your own photos) into the image table"),
-    "dreambooth": ("dreambooth", "personalize Stable Diffusion on each instance's photos (Ray Train)"),
-    "generate": ("generate", "sample positives and category negatives (Ray Data actors), optionally filtered"),
-    "filter": ("filter", "score generated images with DreamSim against the real photos"),
-    "cutpaste": ("cutpaste", "paste the masked real object onto backgrounds (Ray Data tasks)"),
-    "train": ("train", "LoRA InfoNCE fine-tuning of the vision encoder (Ray Train)"),
-    "evaluate": ("evaluate", "pretrained vs personalized encoder on the four tasks"),
-    "find": ("find", "rank a folder of photos by how likely each shows the object (personalized vs pretrained)"),
-    "run": ("run", "all stages end to end, then summary.json and report.html"),
-    "sweep": ("sweep", "Ray Tune over config keys (--space tune_spaces/NAME.yaml), scored on val instances"),
-    "make-toy": ("make_toy", "write the procedural toy benchmark in the PODS layout"),
-    "zoo": ("zoo", "build the tiny offline models (and locate the real MobileNetV2)"),
-}
+from pipelines.stages import COMMANDS
 
 
 def usage() -> str:

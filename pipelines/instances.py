@@ -22,13 +22,11 @@ from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig
 from pipelines.common import stage_dir
 from pipelines.resources import cluster_capacity
+from pipelines.stages import PER_INSTANCE, per_instance_before
 
 log = logging.getLogger("personalize.instances")
 
 FAILURES = "failures.json"
-# Stages whose work is per instance, in pipeline order: an instance failing in one is left out of those after it.
-PER_INSTANCE_STAGES = ("dreambooth", "train")
-PIPELINE_ORDER = ("ingest", "dreambooth", "generate", "filter", "cutpaste", "train", "evaluate", "report")
 
 
 def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
@@ -121,7 +119,7 @@ def write_failures(
         path.unlink(missing_ok=True)
 
 
-def read_failures(cfg: ExperimentConfig, stages: Iterable[str] = PER_INSTANCE_STAGES) -> dict[str, dict[str, str]]:
+def read_failures(cfg: ExperimentConfig, stages: Iterable[str] = PER_INSTANCE) -> dict[str, dict[str, str]]:
     """{instance: {"stage", "error"}} over ``stages``' ``failures.json`` (the first stage an instance failed in)."""
     found: dict[str, dict[str, str]] = {}
     for stage in stages:
@@ -132,17 +130,10 @@ def read_failures(cfg: ExperimentConfig, stages: Iterable[str] = PER_INSTANCE_ST
     return found
 
 
-def upstream_of(cfg: ExperimentConfig, stage: str) -> list[str]:
-    """The per-instance stages this config runs before ``stage``."""
-    enabled = {"dreambooth": cfg.dreambooth.enabled, "train": True}
-    before = PIPELINE_ORDER[: PIPELINE_ORDER.index(stage)]
-    return [s for s in PER_INSTANCE_STAGES if s in before and enabled[s]]
-
-
 def without_failed(cfg: ExperimentConfig, stage: str, instance_ids: Sequence[str]) -> list[str]:
     """``instance_ids`` less those that failed in a per-instance stage before ``stage`` (logged, so the user sees
     why); an error when none is left."""
-    failed = read_failures(cfg, upstream_of(cfg, stage))
+    failed = read_failures(cfg, per_instance_before(cfg, stage))
     for instance in (i for i in instance_ids if i in failed):
         log.warning("%s is left out: it failed in %s", instance, failed[instance]["stage"])
     kept = [i for i in instance_ids if i not in failed]

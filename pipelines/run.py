@@ -16,7 +16,8 @@ from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig, save_config
 from personalization.errors import UserError
 from pipelines.common import InstanceFailures, ray_session, stage_main
-from pipelines.instances import read_failures, upstream_of
+from pipelines.instances import read_failures
+from pipelines.stages import per_instance_before, run_plan
 
 log = logging.getLogger("personalize.run")
 
@@ -33,22 +34,8 @@ METRIC_KEYS = (
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], Path]]]:
-    """The stages this config runs, in order."""
-    from pipelines import cutpaste, evaluate, ingest, train
-
-    stages: list[tuple[str, Callable]] = [("ingest", ingest.run)]
-    if cfg.dreambooth.enabled:
-        from pipelines import dreambooth
-
-        stages.append(("dreambooth", dreambooth.run))
-    if cfg.generate.enabled:
-        from pipelines import generate
-
-        stages.append(("generate", generate.run))
-    if cfg.cutpaste.enabled:
-        stages.append(("cutpaste", cutpaste.run))
-    stages += [("train", train.run), ("evaluate", evaluate.run)]
-    return stages
+    """The stages this config runs, in order, as (name, run) (the table is pipelines/stages.py)."""
+    return [(stage.name, stage.runner()) for stage in run_plan(cfg)]
 
 
 def check_before_start(cfg: ExperimentConfig) -> None:
@@ -116,7 +103,7 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     skipped = metrics.get("skipped", {})
     summary = {
         "instances": sorted({*metrics["per_instance"], *skipped}),
-        "failed": read_failures(cfg, upstream_of(cfg, "evaluate")),
+        "failed": read_failures(cfg, per_instance_before(cfg, "evaluate")),
         "backbone": cfg.model.backbone,
         "negatives": _negatives_used(cfg),
         "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},

@@ -76,7 +76,9 @@ def iter_rows(
     scan.errors = errors
     show = len(scan.entries) >= PROGRESS_MIN_IMAGES if progress is None else progress
     unmasked = sum(e.mask_path is None and e.role == "real_train" for e in scan.entries)
-    if unmasked:
+    if unmasked and scan.layout == "folder":  # `personalize ingest` derives theirs (GrabCut) and logs it
+        log.info("%d photo(s) in %s have no mask in masks/; ingest derives one for each", unmasked, scan.root)
+    elif unmasked:
         log.warning("%d train photo(s) in %s have no mask; stages that need masks will skip them", unmasked, scan.root)
     for entry in tqdm(scan.entries, desc=f"reading {scan.root.name}", unit="img", disable=not show):
         try:

@@ -15,10 +15,10 @@ from pipelines.instances import (
     describe,
     read_failures,
     run_each,
-    upstream_of,
     without_failed,
     worker_resources,
 )
+from pipelines.stages import per_instance_before
 
 
 def _cfg(tmp_path, **overrides):
@@ -82,8 +82,8 @@ def test_later_stages_leave_out_what_failed_upstream(tmp_path, caplog):
     (tmp_path / "out" / "train").mkdir(parents=True)
     (tmp_path / "out" / "train" / FAILURES).write_text(json.dumps({"mug_2": "RuntimeError: oom"}))
 
-    assert upstream_of(cfg, "generate") == ["dreambooth"]
-    assert upstream_of(cfg, "evaluate") == ["dreambooth", "train"]
+    assert per_instance_before(cfg, "generate") == ["dreambooth"]
+    assert per_instance_before(cfg, "evaluate") == ["dreambooth", "train"]
     assert without_failed(cfg, "dreambooth", ["mug_1", "mug_2", "mug_3"]) == ["mug_1", "mug_2", "mug_3"]
     assert without_failed(cfg, "generate", ["mug_1", "mug_2", "mug_3"]) == ["mug_2", "mug_3"]
     assert without_failed(cfg, "train", ["mug_1", "mug_2", "mug_3"]) == ["mug_2", "mug_3"]  # train retries mug_2
