@@ -7,6 +7,7 @@ A space is a YAML file that maps dotted config keys to a domain, plus a few top-
     mode: max                     # max | min
     num_samples: 1                # grid points are each repeated num_samples times; random domains sampled
     scheduler: asha               # asha (early stopping per epoch) | fifo
+    val_objects: 3                # val objects a trial trains and is scored on (mean val/pr_auc); >= 2
     train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}
     generate.cfg: {grid: [4.0, 5.0, 7.5]}
 
@@ -72,6 +73,7 @@ class SearchSpace:
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs fit
     cpus_per_trial: float = 0.1  # the trial driver only waits on its TorchTrainer: a fraction keeps CPUs free
     time_budget_s: float = 0.0  # 0 = no limit
+    val_objects: int = 3  # val objects each trial trains and scores (personalization/val_probes.py); capped
     source: str = ""
     options: dict = field(default_factory=dict)
 
@@ -176,12 +178,13 @@ def parse_space(data: dict, base: ExperimentConfig, source: str = "space") -> Se
         "max_concurrent_trials": space.max_concurrent_trials >= 0,
         "cpus_per_trial": 0 < space.cpus_per_trial <= 64,
         "time_budget_s": space.time_budget_s >= 0,
+        "val_objects": space.val_objects >= 2,
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         raise ConfigError(
             f"{source}: option {bad[0]}={getattr(space, bad[0])!r} is invalid (metric: {list(METRICS)}, mode: max|min, "
-            "scheduler: asha|fifo, counts >= 1, reduction_factor >= 2)"
+            "scheduler: asha|fifo, counts >= 1, reduction_factor >= 2, val_objects >= 2)"
         )
     return space
 

@@ -1,22 +1,28 @@
 """`personalize sweep --config C --space tune_spaces/NAME.yaml`: Ray Tune over the experiment config.
 
-Selection happens on a *validation* instance, never a test one. Each trial personalizes the same val instance V
-(``data.instances=[V]`` if given, else the first val instance) and, after every epoch, reports
-``val/pr_auc``: the classification PR-AUC of V's test photos among the test photos of all val instances, each
-scored by max cosine to V's real train photos under the encoder being trained (:class:`ValidationProbe`, run
-on rank 0 through ``pipelines.train``'s ``report_extra`` hook). Train metrics stream to Tune through
-``TuneReportCallback`` on the TorchTrainer, so ASHA can stop a bad trial after any epoch.
+Selection happens on *validation* objects, never test ones, and on several of them. The val objects are split
+once per sweep, deterministically from ``seed`` (personalization/val_probes.py), into *probes* (``val_objects``
+in the space, default 3, capped by the dataset; or exactly ``data.instances``) and a *pool* (the rest). Each trial
+trains every probe and, after every epoch, reports ``val/pr_auc``: the mean over probes of the classification
+PR-AUC of the probe's test photos among the test photos of the *other probes* (never pool objects), scored by
+max cosine to the probe's real train photos under the encoder being trained. With ``train.negatives=val`` a
+probe trains against *pool* objects of its category only (never probes), so no object is both a training
+negative and a distractor. Too few val objects for that stops the sweep before Ray starts, naming the fix.
+How a trial trains its probes (sequentially, interleaved by epoch, so ASHA can stop it after any epoch) is in
+``pipelines/sweep_trial.py``.
 
 Caching: the driver runs the upstream stages once, with the base config, into ``OUT/sweep/shared/`` (ingest,
 cut-and-paste, DreamBooth). Generate-affecting keys (``generate.*``, ``filter.*`` except ``threshold``) are
 grid/choice; each distinct combination is generated once into
 ``OUT/sweep/shared/generate-cache/<hash_config of the generate/filter sections>/generate/``. A trial's folder
-``OUT/sweep/trials/<trial_id>/`` links ``ingest``, ``cutpaste``, ``dreambooth`` and its ``generate`` to those,
-so trials only train; ``filter.threshold`` is applied when reading, so sweeping it never regenerates.
+``OUT/sweep/trials/<trial_id>/`` links ``cutpaste``, ``dreambooth`` and its ``generate`` to those, and ``ingest``
+to ``shared/ingest-probes`` (the ingest files with the probes hidden from the val split), so trials only
+train; ``filter.threshold`` is applied when reading, so sweeping it never regenerates.
 
-Outputs: ``OUT/sweep/results.csv`` (one row per trial), ``OUT/sweep/plots/<key>.png``, ``OUT/sweep/best.yaml``
-(the best trial's swept keys, a config delta), Tune's state in ``OUT/sweep/tune/``: re-running the command after
-an interruption resumes it with ``Tuner.restore``.
+Outputs: ``OUT/sweep/sweep.json`` (the probes and the pool), ``OUT/sweep/results.csv`` (one row per trial, with
+each probe's ``val/pr_auc/<probe>``), ``OUT/sweep/trials/<id>/probes.json`` (per probe and epoch),
+``OUT/sweep/plots/<key>.png``, ``OUT/sweep/best.yaml`` (the best trial's swept keys, a config delta), Tune's
+state in ``OUT/sweep/tune/``: re-running the command after an interruption resumes it with ``Tuner.restore``.
 """
 
 from __future__ import annotations
@@ -25,16 +31,13 @@ import argparse
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from personalization.artifacts import hash_config, read_manifest
-from personalization.config import ConfigError, ExperimentConfig, build_config, replace, to_dict
-from personalization.errors import MissingInputError, UserError
-from personalization.evaluation.probe import ValidationProbe
+from personalization.artifacts import commit_stage, hash_config
+from personalization.config import ConfigError, ExperimentConfig, replace, to_dict
+from personalization.errors import UserError
 from personalization.output_lock import hold_output_lock
 from personalization.sweeps import (
     SearchSpace,
@@ -42,16 +45,16 @@ from personalization.sweeps import (
     format_table,
     generate_variants,
     load_space,
-    nest,
     plot_metric,
     save_best_delta,
     save_results_csv,
 )
+from personalization.val_probes import ValPartition, hide_probes, partition_val
 from pipelines import common
 from pipelines.common import ray_session, stage_dir
+from pipelines.sweep_trial import PROBE_INGEST, RECORD, generate_key, is_complete, link_upstream, run_trial
 
 STAGE = "sweep"
-UPSTREAM = ("ingest", "cutpaste", "dreambooth")
 log = logging.getLogger(f"personalize.{STAGE}")
 
 
@@ -59,50 +62,55 @@ log = logging.getLogger(f"personalize.{STAGE}")
 # Driver: shared upstream outputs
 
 
-def choose_instance(cfg: ExperimentConfig, instances: dict[str, dict]) -> str:
-    """The val instance every trial personalizes: ``data.instances=[V]`` or the first val instance."""
-    val = sorted(i for i, info in instances.items() if info["split"] == "val")
-    if not val:
-        raise UserError("sweep: the dataset has no `val` instances; sweeps select settings on val instances only")
-    if not cfg.data.instances:
-        return val[0]
-    wrong = [i for i in cfg.data.instances if i not in val]
-    if wrong or len(cfg.data.instances) != 1:
-        raise UserError(
-            f"sweep: data.instances={list(cfg.data.instances)}: give exactly one val instance (the sweep never "
-            f"tunes on test instances); val instances: {', '.join(val)}"
-        )
-    return cfg.data.instances[0]
+def negatives_from_val(cfg: ExperimentConfig, space: SearchSpace, instances: dict[str, dict]) -> bool:
+    """Whether trials may train on val objects as negatives (``train.negatives`` resolves to, or is swept
+    over, ``val``): then the probes need a pool of val objects of their categories."""
+    from pipelines.train import resolve_negatives
+
+    swept = space.domains.get("train.negatives")
+    if swept is not None and {"val", "auto"} & set(swept.candidates()):
+        return True
+    val = [i for i, info in instances.items() if info["split"] == "val"]
+    # `auto` is judged for the objects that can be probes with a pool: those with a val sibling of their category.
+    siblings = [i for i in val if any(j != i and instances[j]["category"] == instances[i]["category"] for j in val)]
+    return resolve_negatives(cfg, instances, siblings or val).train.negatives == "val"
 
 
-def generate_key(cfg: ExperimentConfig, base: ExperimentConfig) -> str:
-    """Content hash of what the generate stage makes (filter.threshold excluded: it is applied on read)."""
-    filter_cfg = {**to_dict(cfg.filter), "threshold": base.filter.threshold}
-    return hash_config({"generate": to_dict(cfg.generate), "filter": filter_cfg})[:16]
+def choose_probes(cfg: ExperimentConfig, space: SearchSpace, instances: dict[str, dict]) -> ValPartition:
+    """The val objects every trial trains and scores (``data.instances`` if given, else ``val_objects`` of them,
+    drawn with ``cfg.seed``) and the pool of the others (personalization/val_probes.py)."""
+    needs_pool = negatives_from_val(cfg, space, instances)
+    return partition_val(instances, space.val_objects, cfg.seed, needs_pool, chosen=cfg.data.instances)
 
 
-def link_upstream(folder: Path, links: dict[str, Path]) -> None:
-    """``folder/<name>`` -> ``target`` symlinks, so stages read shared outputs through their usual paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, target in links.items():
-        link = folder / name
-        if link.is_symlink() and Path(os.readlink(link)) == target.resolve():
-            continue
-        if link.is_symlink():
-            link.unlink()
-        if target.exists():
-            link.symlink_to(target.resolve(), target_is_directory=True)
+def save_probe_view(shared: Path, split: ValPartition) -> Path:
+    """``shared/ingest-probes``: the ingest stage's files (linked) with an ``instances.json`` that hides the
+    probes from the val split, committed like a stage so that train hashes it from its manifest."""
+    ingest, view = shared / "ingest", shared / PROBE_INGEST
+
+    def build(tmp: Path) -> None:
+        skip = {"instances.json", "_manifest.json", "config.yaml"}
+        for entry in ingest.iterdir():
+            if entry.name not in skip and not entry.name.startswith("."):
+                (tmp / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        instances = json.loads((ingest / "instances.json").read_text())
+        (tmp / "instances.json").write_text(json.dumps(hide_probes(instances, split.probes), indent=2))
+
+    config = {"probes": split.probes, "pool": split.pool}
+    return commit_stage(view, "ingest", config, build, inputs={"ingest": ingest})
 
 
-def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -> tuple[ExperimentConfig, str]:
-    """Run the upstream stages once into ``sweep_dir/shared``; returns the trials' base config and the instance."""
+def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -> tuple[ExperimentConfig, ValPartition]:
+    """Run the upstream stages once into ``sweep_dir/shared`` for the probes; returns the trials' base config and
+    the partition of the val objects."""
     from pipelines import cutpaste, dreambooth, generate, ingest
 
     shared = sweep_dir / "shared"
     base = replace(cfg, output_dir=str(shared))
     ingest.run(base)
-    instance = choose_instance(cfg, common.load_instances(base))
-    base = replace(base, **{"data.instances": (instance,), "data.max_instances": 0})
+    split = choose_probes(cfg, space, common.load_instances(base))
+    save_probe_view(shared, split)
+    base = replace(base, **{"data.instances": split.probes, "data.max_instances": 0})
     if base.cutpaste.enabled:
         cutpaste.run(base)
     if base.dreambooth.enabled:
@@ -116,48 +124,11 @@ def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -
                 {k: getattr(variant.generate, k.split(".")[1], None) for k in space.generate_keys()},
             )
             generate.run(replace(variant, output_dir=str(folder)))
-    return base, instance
+    return base, split
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trials
-
-
-def run_trial(params: dict, *, base: dict, instance: str) -> None:
-    """One Tune trial: the base config plus ``params`` (dotted keys), trained on the shared upstream outputs."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines import train
-
-    base_cfg = build_config(base)
-    shared = Path(base_cfg.output_dir)
-    cfg = build_config(base, nest(params))
-    out = shared.parent / "trials" / ray.tune.get_context().get_trial_id()
-    links = {name: shared / name for name in UPSTREAM}
-    if cfg.generate.enabled:
-        cached = shared / "generate-cache" / generate_key(cfg, base_cfg) / "generate"
-        if not cached.is_dir():
-            raise MissingInputError(f"sweep: no cached generate output {cached} for {params}")
-        links["generate"] = cached
-    link_upstream(out, links)
-    cfg = replace(cfg, output_dir=str(out))
-    probe = ValidationProbe(str(shared / "ingest" / "images.parquet"), instance, to_dict(cfg.model))
-    train.run(cfg, callbacks=[TuneReportCallback()], report_extra=TrialReport(probe))
-
-
-class TrialReport:
-    """Rank 0's extra metrics: the validation probe, plus the id of the worker group's placement group so the
-    driver can release it if Tune kills the trial (see :class:`ReleasePlacementGroups`)."""
-
-    def __init__(self, probe: ValidationProbe):
-        self.probe = probe
-
-    def __call__(self, model: torch.nn.Module) -> dict:
-        import ray.util
-
-        group = ray.util.get_current_placement_group()
-        return {**self.probe(model), "placement_group": group.id.hex() if group is not None else ""}
 
 
 def _release_callback():
@@ -252,31 +223,32 @@ def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir
     )
 
 
-def collect_rows(results, space: SearchSpace, sweep_dir: Path, instance: str) -> list[dict]:
-    """One row per trial: its id, swept values, the metric's last value, Tune iterations and a status.
+def collect_rows(results, space: SearchSpace, sweep_dir: Path) -> list[dict]:
+    """One row per trial: its id, swept values, the metric's last value (the mean over probes), each probe's
+    ``val/pr_auc/<probe>``, Tune iterations and a status.
 
-    A trial is ``completed`` when its adapter was committed (``trials/<id>/train/<instance>/_manifest.json``),
-    which stays true across a resume (Tune's iteration count restarts there); else ``stopped early`` (ASHA).
+    A trial is ``completed`` when its ``trials/<id>/probes.json`` holds every epoch of every probe, which stays
+    true across a resume (Tune's iteration count restarts there); else ``stopped early`` (ASHA).
     """
     rows = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
         trial_id = metrics.get("trial_id", "")
-        iterations = int(metrics.get("training_iteration", 0))
         value = metrics.get(space.metric)
+        record_path = sweep_dir / "trials" / str(trial_id) / RECORD
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if result.error is not None:
             status = "error"
         elif value is None:
             status = "no result"
-        elif read_manifest(sweep_dir / "trials" / str(trial_id) / "train" / instance) is not None:
-            status = "completed"
         else:
-            status = "stopped early"
+            status = "completed" if is_complete(record) else "stopped early"
         row = {"trial_id": trial_id}
         row.update({key: config.get(key) for key in space.domains})
         row[space.metric] = float(value) if value is not None else math.nan
-        row.update({"iterations": iterations, "status": status})
+        row.update({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val/pr_auc/")})
+        row.update({"iterations": int(metrics.get("training_iteration", 0)), "status": status})
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["trial_id"]))
 
@@ -291,17 +263,20 @@ def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
     from ray import tune
 
     from pipelines.run import check_before_start
+    from pipelines.train import dataset_instances
 
     space = load_space(space_path, cfg)  # every key and candidate value checked before Ray starts
     check_before_start(cfg)
+    known = dataset_instances(cfg)  # read from the dataset's info file, no image read
+    if known:
+        choose_probes(cfg, space, known)  # too few val objects: stop before Ray starts
     sweep_dir = stage_dir(cfg, STAGE)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with ray_session(cfg):
-        base, instance = prepare_shared(cfg, space, sweep_dir)
+        base, split = prepare_shared(cfg, space, sweep_dir)
         fingerprint = _fingerprint(space, base)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=to_dict(base), instance=instance), {"cpu": space.cpus_per_trial}
-        )
+        trial = tune.with_parameters(run_trial, base=to_dict(base), probes=list(split.probes), pool=list(split.pool))
+        trainable = tune.with_resources(trial, {"cpu": space.cpus_per_trial})
         tune_dir, state = sweep_dir / "tune", sweep_dir / "sweep.json"
         if tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
             recorded = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
@@ -313,10 +288,11 @@ def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
             log.info("sweep: resuming %s", tune_dir)
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
         else:
-            state.write_text(json.dumps({"fingerprint": fingerprint, "space": str(space_path), "instance": instance}))
+            record = {"fingerprint": fingerprint, "space": str(space_path), **asdict(split)}
+            state.write_text(json.dumps(record, indent=2))
             tuner = build_tuner(space, trainable, base, sweep_dir, stop=stop)
         results = tuner.fit()
-    rows = collect_rows(results, space, sweep_dir, instance)
+    rows = collect_rows(results, space, sweep_dir)
     save_results_csv(rows, sweep_dir / "results.csv")
     plot_metric(rows, space, sweep_dir / "plots")
     best = best_row(rows, space.metric, space.mode)
@@ -324,7 +300,10 @@ def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
         save_best_delta(best, space, sweep_dir / "best.yaml")
     print(format_table(rows))
     if best is not None:
-        print(f"best ({space.metric}={best[space.metric]:.4f} on val instance {instance}): {sweep_dir / 'best.yaml'}")
+        probes = ", ".join(split.probes)
+        print(
+            f"best ({space.metric}={best[space.metric]:.4f}, mean over val objects {probes}): {sweep_dir / 'best.yaml'}"
+        )
     return sweep_dir
 
 

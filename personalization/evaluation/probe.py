@@ -7,6 +7,7 @@ inside a training worker through ``pipelines.train``'s ``report_extra`` hook and
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,10 +20,16 @@ class ValidationProbe:
 
     Gallery: the real_train photos of the val instances; queries: their real_test photos (``test_dense`` only
     when nothing else exists). AP = ``average_precision_score(query is V, max_j <q, g_j> over V's gallery)``.
+    ``instances``: the objects whose photos are scored (V and its distractors; default every val instance);
+    after the first call ``scored_instances`` lists the objects whose queries were scored.
     """
 
-    def __init__(self, images_path: str, instance_id: str, model: dict, batch_size: int = 32):
+    def __init__(
+        self, images_path: str, instance_id: str, model: dict, batch_size: int = 32, instances: Sequence[str] = ()
+    ):
         self.images_path, self.instance_id, self.model, self.batch_size = images_path, instance_id, model, batch_size
+        self.instances = tuple(instances)
+        self.scored_instances: list[str] = []
         self._data = None
 
     def _load(self):
@@ -30,7 +37,7 @@ class ValidationProbe:
         from personalization.schema import decode_image, read_image_table
 
         instances = json.loads((Path(self.images_path).parent / "instances.json").read_text())
-        val = sorted(i for i, info in instances.items() if info["split"] == "val")
+        val = list(self.instances) or sorted(i for i, info in instances.items() if info["split"] == "val")
         columns = ["instance_id", "role", "split", "image"]
         table = read_image_table(self.images_path, columns=columns, instance_id=val).to_pylist()
         gallery = [r for r in table if r["role"] == "real_train"]
@@ -43,6 +50,7 @@ class ValidationProbe:
             for name, rows in (("gallery", gallery), ("queries", queries))
         }
         labels = {"gallery": [r["instance_id"] for r in gallery], "queries": [r["instance_id"] for r in queries]}
+        self.scored_instances = sorted(set(labels["queries"]))
         self._data = (pixels, labels, model_cfg.eval_feature)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import yaml
 
 from personalization.artifacts import read_manifest
 from personalization.config import build_config, load_config
+from personalization.errors import UserError
 from pipelines import sweep
 
 
@@ -23,6 +24,17 @@ def toy(tmp_path_factory):
     data = make_toy(root / "toy", categories=("mug", "tote"), val_per_category=2, test_per_category=1,
                     test_per_split=2, dense_per_instance=1, size=64)  # fmt: skip
     return root, data, build_zoo(root / "zoo", parts=["dinov2"])["dinov2"]
+
+
+@pytest.fixture(scope="module")
+def mugs(toy):
+    """Four val mugs: two probes share a category, so val negatives could reach the other probe if not kept out."""
+    from personalization.datasets import make_toy
+
+    root, _, dinov2 = toy
+    data = make_toy(root / "mugs", categories=("mug",), val_per_category=4, test_per_category=1, test_per_split=2,
+                    dense_per_instance=1, size=64)  # fmt: skip
+    return root, data, dinov2
 
 
 def _cfg(toy, out, **sections):
@@ -62,12 +74,12 @@ def test_four_trial_asha_sweep_writes_table_plots_and_best(toy, tmp_path, ray_lo
     assert sorted(float(r["train.learning_rate"]) for r in rows) == [1e-5, 1e-4, 1e-3, 3e-2]
     assert {r["status"] for r in rows} <= {"completed", "stopped early"} and rows[0]["status"] == "completed"
     assert all(0.0 <= float(r["val/pr_auc"]) <= 1.0 for r in rows)  # every trial reported after its first epoch
-    # The selection metric is measured on a val instance, never on a test one.
+    # The selection metric is measured on val objects, never on test ones.
     state = json.loads((out / "sweep.json").read_text())
     instances = json.loads((out / "shared" / "ingest" / "instances.json").read_text())
-    assert instances[state["instance"]]["split"] == "val"
-    # Upstream stages ran once; every trial reads them through links and commits only its own adapter.
-    assert read_manifest(out / "shared" / "cutpaste" / state["instance"]) is not None
+    assert {instances[i]["split"] for i in state["probes"] + state["pool"]} == {"val"}
+    # Upstream stages ran once; every trial reads them through links and commits only its own adapters.
+    assert all(read_manifest(out / "shared" / "cutpaste" / probe) is not None for probe in state["probes"])
     trials = sorted((out / "trials").iterdir())
     assert len(trials) == 4
     for trial in trials:
@@ -169,8 +181,65 @@ def test_unknown_space_key_fails_before_ray(toy, tmp_path, capsys):
         sweep.run(cfg, bad_cfg)
 
 
-def test_sweep_refuses_test_instances(toy):
-    cfg = _cfg(toy, "x", data={"instances": ["mug_02"]})
-    with pytest.raises(ValueError, match="never tunes on test instances"):
-        sweep.choose_instance(cfg, {"mug_00": {"split": "val", "category": "mug"},
-                                    "mug_02": {"split": "test", "category": "mug"}})  # fmt: skip
+def test_sweep_refuses_test_instances(toy, tmp_path):
+    cfg = _cfg(toy, "x", data={"instances": ["mug_00", "mug_02"]})
+    space = sweep.load_space(_space(tmp_path, "train.learning_rate: {grid: [1.0e-4]}\n"), cfg)
+    with pytest.raises(ValueError, match=r"\['mug_02'\] are not val objects \(sweeps never tune on test objects\)"):
+        sweep.choose_probes(cfg, space, {"mug_00": {"split": "val", "category": "mug"},
+                                         "mug_01": {"split": "val", "category": "mug"},
+                                         "mug_02": {"split": "test", "category": "mug"}})  # fmt: skip
+
+
+def _negatives_trained_with(trial: Path, probe: str) -> set[str]:
+    """The objects behind the negatives of ``probe``'s triplets, from the inputs train wrote for its run."""
+    import pyarrow.parquet as pq
+
+    (inputs,) = (trial / "train" / ".ray" / probe).glob("*.inputs")
+    rows = pq.read_table(inputs / "rows.parquet", columns=["image_id", "instance_id"]).to_pydict()
+    owner = dict(zip(rows["image_id"], rows["instance_id"], strict=True))
+    return {owner[negative] for _, _, negative in json.loads((inputs / "triplets.json").read_text())}
+
+
+@pytest.mark.slow
+def test_trials_select_on_several_val_objects_never_training_on_distractors(mugs, tmp_path, ray_local):
+    cfg = _cfg(mugs, "probes", train={"negatives": "val", "epochs": 2})
+    space = _space(tmp_path, "scheduler: fifo\nval_objects: 2\ntrain.learning_rate: {grid: [1.0e-4]}\n")
+    out = sweep.run(cfg, space)
+    state = json.loads((out / "sweep.json").read_text())
+    instances = json.loads((out / "shared" / "ingest" / "instances.json").read_text())
+    probes, pool = state["probes"], state["pool"]
+    assert len(probes) == 2 and len(pool) == 2 and not set(probes) & set(pool)
+    assert {instances[i]["split"] for i in probes + pool} == {"val"}
+    (row,) = _rows(out)
+    trial = out / "trials" / row["trial_id"]
+    record = json.loads((trial / "probes.json").read_text())
+    for probe in probes:
+        # (a) A probe trained only against pool mugs (never the other probe), and was scored among the probes only.
+        negatives = _negatives_trained_with(trial, probe)
+        assert negatives and negatives <= set(pool), (probe, negatives)
+        assert record["distractors"][probe] == [p for p in probes if p != probe]
+    # (b) The reported metric is the mean of the per-probe values the trial wrote, after every epoch.
+    last = {p: record["val/pr_auc"][p][-1] for p in probes}
+    assert {p: float(row[f"val/pr_auc/{p}"]) for p in probes} == pytest.approx(last)
+    assert float(row["val/pr_auc"]) == pytest.approx(sum(last.values()) / 2)
+    assert row["iterations"] == "2" and row["status"] == "completed"
+    (progress,) = (out / "tune").glob(f"*{row['trial_id']}*/progress.csv")
+    with progress.open() as handle:
+        reports = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in reports] == [1, 2]
+    for epoch, report in enumerate(reports):
+        mean = sum(record["val/pr_auc"][p][epoch] for p in probes) / len(probes)
+        assert float(report["val/pr_auc"]) == pytest.approx(mean)
+
+
+def test_too_few_val_objects_stop_before_any_trial(tmp_path):
+    from personalization.datasets import make_toy
+
+    data = make_toy(tmp_path / "few", categories=("mug", "tote"), val_per_category=1, test_per_category=1,
+                    test_per_split=1, dense_per_instance=0, size=32)  # fmt: skip
+    cfg = build_config({"output_dir": str(tmp_path / "out"), "data": {"root": str(data)},
+                        "train": {"negatives": "val"}})  # fmt: skip
+    space = _space(tmp_path, "train.learning_rate: {grid: [1.0e-4]}\n")
+    with pytest.raises(UserError, match=r"2 val objects \(mug: 1, tote: 1\) allow only 0 probes.*Fix: add val"):
+        sweep.run(cfg, space)
+    assert not (tmp_path / "out").exists()  # no stage, no Ray, no trial
