@@ -241,7 +241,7 @@ class FilterConfig:
 class TrainConfig:
     """Contrastive LoRA fine-tuning of the backbone on (anchor, positive, negative) triplets."""
 
-    loss: Literal["infonce", "multi_infonce", "hinge"] = "infonce"
+    loss: str = "infonce"  # a name in LOSSES (personalization/contrastive/losses.py): infonce, cross_entropy, ...
     temperature: float = 0.07
     margin: float = 0.05
     num_triplets: int = 4500
@@ -269,6 +269,9 @@ class TrainConfig:
     max_failures: int = 1
 
     def validate(self) -> None:
+        from personalization.contrastive.losses import LOSSES  # here, not at the top: the table needs torch
+
+        require(self.loss in LOSSES, "train.loss", f"must be one of {sorted(LOSSES)}, got {self.loss!r}")
         check_positive(self.temperature, "train.temperature")
         check_gpu_choice(self.use_gpu, "train.use_gpu")
         check_positive(self.margin, "train.margin", allow_zero=True)

@@ -1,11 +1,19 @@
 """Contrastive fine-tuning: triplet sampling (ids), the training data, losses, and the plain-PyTorch step."""
 
 from personalization.contrastive.data import TrainingRows, TripletDataset, load_negatives_folder, select_training_rows
-from personalization.contrastive.losses import build_loss, hinge, info_nce, multi_positive_info_nce
+from personalization.contrastive.losses import (
+    LOSSES,
+    build_loss,
+    cross_entropy,
+    hinge,
+    info_nce,
+    multi_positive_info_nce,
+)
 from personalization.contrastive.step import DeepSpeedStepper, Stepper, TorchStepper, train_step
 from personalization.contrastive.triplets import TripletError, sample_triplets
 
 __all__ = [
+    "LOSSES",
     "DeepSpeedStepper",
     "Stepper",
     "TorchStepper",
@@ -13,6 +21,7 @@ __all__ = [
     "TripletDataset",
     "TripletError",
     "build_loss",
+    "cross_entropy",
     "hinge",
     "info_nce",
     "load_negatives_folder",

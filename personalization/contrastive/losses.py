@@ -6,11 +6,15 @@ already returns unit vectors, and renormalizing twice would only hide a bug upst
 dot product is the cosine similarity.
 
 Notation: ``q_j`` anchors, ``p_i`` positives, ``n_k`` negatives, ``tau`` the temperature.
+
+``LOSSES`` (at the end) is the one table of losses by ``train.loss`` name; the config's choices come from it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +93,31 @@ def hinge(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, 
     return F.relu(distance_positive - distance_negative + margin).mean()
 
 
+def cross_entropy(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
+    """Binary cross-entropy of a logistic on scaled cosine similarity: is this image the anchor's object?
+
+    Every (anchor, positive) pair of the batch is labelled 1 and every (anchor, negative) pair 0; the logit of a
+    pair is its cosine similarity over ``tau`` (decision boundary at cosine 0), and the two groups weigh equally:
+
+        P(same | q, x) = sigmoid(q.x / tau)
+        loss = 1/2 mean_ij softplus(-q_j.p_i / tau) + 1/2 mean_jk softplus(q_j.n_k / tau)
+
+    (``softplus(-z) = -log sigmoid(z)`` and ``softplus(z) = -log(1 - sigmoid(z))``, the two BCE terms.) Unlike
+    InfoNCE the pairs do not compete: each is judged alone against a fixed boundary. With all dot products 0,
+    ``loss = log 2``. Shapes as in :func:`info_nce`.
+
+    The paper compares a cross-entropy loss beside the three above, but neither REFERENCE.md nor the reference
+    code defines it; this pairwise binary reading (scaled like InfoNCE, by ``train.temperature``) is this
+    project's choice.
+    """
+    _check(anchor, positive, negative)
+    positive_term = F.softplus(-(anchor @ positive.T) / temperature).mean()  # (B_a, B_p) pairs, label 1
+    negative_term = F.softplus((anchor @ negative.T) / temperature).mean()  # (B_a, B_n) pairs, label 0
+    return 0.5 * (positive_term + negative_term)
+
+
 def gather_across_workers(tensor: torch.Tensor) -> torch.Tensor:
     """``(B, D)`` on each of W ranks -> ``(W * B, D)`` on every rank, rank order, gradients kept.
 
@@ -106,24 +135,43 @@ def gather_across_workers(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor), dim=0)
 
 
-def build_loss(train_cfg, gather: bool = False) -> LossFn:
-    """``(anchor, positive, negative) -> scalar`` from ``train.loss``, ``train.temperature``, ``train.margin``.
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as the config builds it: the function and the ``train`` fields it takes as keyword arguments.
 
-    ``gather=True`` first gathers all three batches across distributed workers (see
-    :func:`gather_across_workers`); the hinge loss is per-triplet and never gathers.
+    ``across_batch``: the loss compares every anchor with every positive and negative of the batch, so gathering
+    the batches of all workers gives it more pairs; a per-triplet loss (hinge) gains nothing and never gathers.
     """
-    if train_cfg.loss == "hinge":
-        margin = train_cfg.margin
-        return lambda a, p, n: hinge(a, p, n, margin=margin)
-    if train_cfg.loss == "infonce":
-        base = info_nce
-    elif train_cfg.loss == "multi_infonce":
-        base = multi_positive_info_nce
-    else:
-        raise ValueError(f"train.loss={train_cfg.loss!r}: use infonce, multi_infonce or hinge")
-    temperature = train_cfg.temperature
-    if not gather:
-        return lambda a, p, n: base(a, p, n, temperature=temperature)
-    return lambda a, p, n: base(
-        gather_across_workers(a), gather_across_workers(p), gather_across_workers(n), temperature=temperature
-    )
+
+    fn: Callable[..., torch.Tensor]
+    settings: tuple[str, ...]
+    across_batch: bool = True
+
+    def build(self, train_cfg, gather: bool = False) -> LossFn:
+        kwargs = {name: getattr(train_cfg, name) for name in self.settings}
+        if not (gather and self.across_batch):
+            return functools.partial(self.fn, **kwargs)
+        return lambda a, p, n: self.fn(
+            gather_across_workers(a), gather_across_workers(p), gather_across_workers(n), **kwargs
+        )
+
+
+# The one table of losses: `train.loss` accepts exactly these names (TrainConfig.validate reads it). A new loss is
+# its function above plus one entry here (and its test in tests/unit/test_losses.py).
+LOSSES: dict[str, LossSpec] = {
+    "infonce": LossSpec(info_nce, ("temperature",)),
+    "multi_infonce": LossSpec(multi_positive_info_nce, ("temperature",)),
+    "hinge": LossSpec(hinge, ("margin",), across_batch=False),
+    "cross_entropy": LossSpec(cross_entropy, ("temperature",)),
+}
+
+
+def build_loss(train_cfg, gather: bool = False) -> LossFn:
+    """``(anchor, positive, negative) -> scalar`` for ``train.loss``, with its settings from ``train_cfg``.
+
+    ``gather=True`` first gathers the batches across distributed workers (see :func:`gather_across_workers`) for
+    the losses that compare across the batch.
+    """
+    if train_cfg.loss not in LOSSES:
+        raise ValueError(f"train.loss={train_cfg.loss!r}: use one of {sorted(LOSSES)}")
+    return LOSSES[train_cfg.loss].build(train_cfg, gather)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from personalization.contrastive.losses import LossFn
 
 
 class Stepper(Protocol):
