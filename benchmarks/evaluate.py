@@ -47,6 +47,24 @@ def _batches(table, size: int):
         yield table.slice(start, size).to_pydict()
 
 
+def load_tables(images_path, instances: dict[str, dict]) -> dict:
+    """The real image rows split by use, all in memory (the simplest reading): gallery, test, dense."""
+    import pyarrow.compute as pc
+
+    from personalization import schema
+
+    population = sorted(i for i, info in instances.items() if info["split"] != "val")
+    table = schema.read_image_table(images_path, role=["real_train", "real_test"], instance_id=population)
+    train = table.filter(pc.equal(table["role"], "real_train"))
+    test_all = table.filter(pc.equal(table["role"], "real_test"))
+    is_dense = pc.equal(test_all["split"], "test_dense")
+    test = test_all.filter(pc.invert(is_dense))
+    dense = test_all.filter(is_dense)
+    if dense.num_rows == 0:
+        dense = test_all.filter(pc.is_valid(test_all["mask"]))
+    return {"train": train, "test": test if test.num_rows else test_all, "dense": dense}
+
+
 def plain_loop(cfg, instances: list[str]) -> int:
     """Every encoder's features in one process: the simplest direct loop. Returns encoder-images processed."""
     import pyarrow as pa
@@ -55,10 +73,9 @@ def plain_loop(cfg, instances: list[str]) -> int:
     from personalization.config import to_dict
     from personalization.evaluation.extract import FeatureExtractor
     from pipelines.common import stage_dir
-    from pipelines.evaluate import _load_tables
 
     info = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
-    tables = _load_tables(stage_dir(cfg, "ingest", "images.parquet"), info)
+    tables = load_tables(stage_dir(cfg, "ingest", "images.parquet"), info)
     masked = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
     size, done = cfg.evaluate.batch_size, 0
     encoders = [("", instances)] + [(str(stage_dir(cfg, "train", i)), [i]) for i in instances]

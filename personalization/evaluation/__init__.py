@@ -5,7 +5,10 @@
 - :mod:`.dense`: patch-similarity mask and box prediction (the detection/segmentation predictor).
 - :mod:`.coco`: COCO AP for those predictions via pycocotools (``bbox`` and ``segm``).
 - :mod:`.extract`: ``FeatureExtractor``, one encoder (+ adapter) applied to PNG batches (wrapped by a Ray actor).
+- :mod:`.images`: the evaluation image sets (ids without pixels) and a streamed reader of the rows needed.
+- :mod:`.measure`: ``evaluate_encoder``, one encoder's compact per-instance results, computed where its features are.
+- :mod:`.outputs`: per-(model, instance) result folders and the summary files (metrics.json, ...) built from them.
 - :mod:`.report`: one self-contained ``report.html``.
 
-Everything here is numpy + scikit; no Ray. ``pipelines/evaluate.py`` extracts features and calls these.
+Everything here is numpy + scikit; no Ray. ``pipelines/evaluate.py`` runs ``evaluate_encoder`` in its actors.
 """

@@ -1,13 +1,14 @@
 """Feature extraction for evaluation: one encoder (optionally with a LoRA adapter), loaded once, applied to batches.
 
 A plain class with no Ray: ``pipelines/evaluate.py`` wraps it in a Ray Data actor, tests call it directly.
-Three batch functions, all taking PNG bytes:
+Batch functions, all taking PNG bytes:
 
 - :meth:`FeatureExtractor.embed` -> (B, D) L2-normalized global features (``model.eval_feature``).
 - :meth:`FeatureExtractor.dense` -> (B, h, w, C) L2-normalized patch features.
 - :meth:`FeatureExtractor.templates` -> per masked train image, its candidate reference vector and box mean.
-- :meth:`FeatureExtractor.predict` -> for each image and each instance template, a mask/box/score prediction
-  (dense features never leave the worker: a 64x64x768 grid is 12 MB per image, the prediction a few KB).
+- :meth:`FeatureExtractor.predictions` / :meth:`FeatureExtractor.predict` -> for each image and each instance
+  template, a mask/box/score prediction (dense features never leave the worker: a 64x64x768 grid is 12 MB per
+  image, the prediction a few KB).
 
 Dense features come from the *whole* image resized to a square ``dense_size`` (rounded down to the patch size),
 not from the evaluation transform's centre crop, so grid cells map onto the full original image.
@@ -15,14 +16,19 @@ not from the evaluation transform's centre crop, so grid cells map onto the full
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from personalization import schema
-from personalization.config import build_config, to_dict
-from personalization.evaluation.dense import compute_reference_vector, compute_train_box_means, predict_instance
+from personalization.config import build_config
+from personalization.evaluation.dense import (
+    DensePrediction,
+    compute_reference_vector,
+    compute_train_box_means,
+    predict_instance,
+)
 
 
 class FeatureExtractor:
@@ -74,19 +80,17 @@ class FeatureExtractor:
         box_means = np.concatenate([compute_train_box_means([g], [m]) for g, m in zip(grids, decoded, strict=True)])
         return references.astype(np.float32), box_means.astype(np.float32)
 
-    def predict(
+    def predictions(
         self,
         images: Sequence[bytes],
         image_ids: Sequence[str],
         image_hw: Sequence[tuple[int, int]],
         templates: Mapping[str, tuple[np.ndarray, np.ndarray]],
         min_object_pixels: int,
-    ) -> dict[str, np.ndarray]:
-        """Columns ``image_id, instance_id, mask (PNG bytes), box (N, 4) xywh, score`` of every non-empty prediction
-        of every instance template (reference, train box means) on every image."""
-        features = self.dense(images)
-        rows: dict[str, list] = {"image_id": [], "instance_id": [], "mask": [], "box": [], "score": []}
-        for grid, image_id, hw in zip(features, image_ids, image_hw, strict=True):
+    ) -> Iterator[tuple[str, DensePrediction]]:
+        """(instance_id, prediction) for every non-empty prediction of every instance template (reference, train
+        box means) on every image; one batch of dense grids at a time."""
+        for grid, image_id, hw in zip(self.dense(images), image_ids, image_hw, strict=True):
             for instance_id, (reference, box_means) in templates.items():
                 prediction = predict_instance(
                     image_id,
@@ -96,13 +100,25 @@ class FeatureExtractor:
                     np.asarray(box_means),
                     min_object_pixels=min_object_pixels,
                 )
-                if prediction is None:
-                    continue  # nothing segmented: no detection for this instance on this image
-                rows["image_id"].append(image_id)
-                rows["instance_id"].append(instance_id)
-                rows["mask"].append(schema.encode_mask(prediction.mask))
-                rows["box"].append(prediction.box)
-                rows["score"].append(prediction.score)
+                if prediction is not None:  # None: nothing segmented, no detection for this instance here
+                    yield instance_id, prediction
+
+    def predict(
+        self,
+        images: Sequence[bytes],
+        image_ids: Sequence[str],
+        image_hw: Sequence[tuple[int, int]],
+        templates: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        min_object_pixels: int,
+    ) -> dict[str, np.ndarray]:
+        """Columns ``image_id, instance_id, mask (PNG bytes), box (N, 4) xywh, score`` of :meth:`predictions`."""
+        rows: dict[str, list] = {"image_id": [], "instance_id": [], "mask": [], "box": [], "score": []}
+        for instance_id, prediction in self.predictions(images, image_ids, image_hw, templates, min_object_pixels):
+            rows["image_id"].append(prediction.image_id)
+            rows["instance_id"].append(instance_id)
+            rows["mask"].append(schema.encode_mask(prediction.mask))
+            rows["box"].append(prediction.box)
+            rows["score"].append(prediction.score)
         return {
             "image_id": np.array(rows["image_id"], dtype=object),
             "instance_id": np.array(rows["instance_id"], dtype=object),
@@ -110,8 +126,3 @@ class FeatureExtractor:
             "box": np.array(rows["box"], dtype=np.float64).reshape(-1, 4),
             "score": np.array(rows["score"], dtype=np.float64),
         }
-
-
-def model_dict(model_cfg) -> dict:
-    """A ModelConfig as the small plain dict the extractor's constructor takes (safe to ship to Ray actors)."""
-    return to_dict(model_cfg)

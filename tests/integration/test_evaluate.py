@@ -1,11 +1,16 @@
 """`personalize evaluate` end to end on local Ray: a tiny random DINOv2 from the zoo, LoRA adapters, synthetic photos.
 
 The ingest output (images.parquet + instances.json) and the train outputs (peft adapters) are written here the way
-their stages commit them. Asserts on what the stage wrote: metric keys and ranges, PR curves, mask examples.
+their stages commit them. Asserts on what the stage wrote: metric keys and ranges, PR curves, mask examples, the
+same numbers as the implementation before per-object units (``data/evaluate_toy_before.json``), per-object
+commits that a re-run after a failure keeps, and what the driver receives from the actors.
 """
 
 import json
+import logging
 import math
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +22,14 @@ from personalization.artifacts import commit_stage, read_manifest
 from personalization.config import build_config, to_dict
 from personalization.evaluation.dense import compute_instance_templates
 from personalization.evaluation.extract import FeatureExtractor
+from personalization.evaluation.images import load_evaluation_images
 from personalization.models import apply_lora, build_encoder, save_adapter
 from personalization.zoo import build_zoo
 from pipelines import evaluate
+from pipelines.common import InstanceFailures
 
 SIZE = 56
+BEFORE = json.loads((Path(__file__).parent / "data" / "evaluate_toy_before.json").read_text())
 # instance -> (category, split, object colour)
 INSTANCES = {
     "mug_a": ("mug", "test", (220, 40, 40)),
@@ -183,6 +191,110 @@ def test_evaluate_stage_writes_metrics_curves_and_masks(tmp_path, dinov2, ray_lo
     scores = {model: [p["score"] for p in predictions[model]["mug_a"]] for model in ("pretrained", "personalized")}
     assert scores["pretrained"] and scores["pretrained"] != scores["personalized"]
 
+    assert_same_as_before(folder)
+    for model in ("pretrained", "personalized"):  # one committed unit per (model, instance)
+        for instance in ("mug_a", "mug_b"):
+            unit = folder / model / instance
+            assert read_manifest(unit)["stage"] == "evaluate"
+            result = json.loads((unit / "result.json").read_text())
+            assert result["metrics"] == pytest.approx(metrics["per_instance"][instance][model], nan_ok=True)
+
     # A second run with nothing changed is skipped (same manifest).
     created = read_manifest(folder)["created"]
     assert evaluate.run(cfg) == folder and read_manifest(folder)["created"] == created
+
+
+def flat(tree, path=""):
+    """Nested dicts and lists -> {"a/b/0": leaf}, for pytest.approx."""
+    if isinstance(tree, dict | list):
+        pairs = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, sub in pairs for k, v in flat(sub, f"{path}/{key}").items()}
+    return {path: tree}
+
+
+def assert_same_as_before(folder):
+    """The outputs equal those of the implementation before per-object units (captured on this toy)."""
+    for name, key in (("metrics.json", "metrics"), ("pr_curves.json", "pr_curves")):
+        found = flat(json.loads((folder / name).read_text()))
+        assert found.keys() == flat(BEFORE[key]).keys()
+        assert found == pytest.approx(flat(BEFORE[key]), abs=1e-9, nan_ok=True)
+    predictions = json.loads((folder / "predictions.json").read_text())
+    assert predictions.keys() == BEFORE["predictions"].keys()
+    for model, by_instance in BEFORE["predictions"].items():
+        assert predictions[model].keys() == by_instance.keys()
+        for instance, expected in by_instance.items():
+            found = sorted(predictions[model][instance], key=lambda p: p["image_id"])
+            expected = sorted(expected, key=lambda p: p["image_id"])
+            assert [(p["image_id"], p["box"]) for p in found] == [(p["image_id"], p["box"]) for p in expected]
+            assert [p["score"] for p in found] == pytest.approx([p["score"] for p in expected], rel=1e-6)
+    examples = json.loads((folder / "mask_examples.json").read_text())
+    assert examples == BEFORE["mask_examples"]
+    pixels = {e["mask"]: int(schema.decode_mask((folder / e["mask"]).read_bytes()).sum()) for e in examples}
+    assert pixels == BEFORE["example_mask_pixels"]
+
+
+def unit_stamps(folder):
+    """{unit: (manifest bytes, manifest mtime_ns)} of every committed (model, instance) unit."""
+    return {
+        path.parent.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.glob("*/*/_manifest.json"))
+    }
+
+
+@pytest.mark.slow
+def test_a_failed_object_keeps_the_others_and_a_rerun_redoes_only_it(tmp_path, dinov2, ray_local, caplog):
+    out = tmp_path / "out"
+    cfg = make_cfg(out, dinov2)
+    write_ingest(out)
+    write_adapters(cfg, out, ["mug_a", "mug_b"])
+    weights = out / "train" / "mug_b" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")  # mug_b's personalized encoder cannot load
+
+    with pytest.raises(InstanceFailures, match="mug_b") as failed:
+        evaluate.run(cfg)
+    assert set(failed.value.failures) == {"mug_b"} and "personalized encoder" in failed.value.failures["mug_b"]
+    folder = out / "evaluate"
+    assert read_manifest(folder) is None  # not complete: the next run is not skipped
+    assert json.loads((folder / "failures.json").read_text()).keys() == {"mug_b"}
+    partial = json.loads((folder / "metrics.json").read_text())
+    assert set(partial["per_instance"]) == {"mug_a"} and set(partial["failed"]) == {"mug_b"}
+    before = unit_stamps(folder)
+    assert set(before) == {"pretrained/mug_a", "pretrained/mug_b", "personalized/mug_a"}
+
+    weights.write_bytes(good)
+    with caplog.at_level(logging.INFO, logger="personalize.evaluate"):
+        assert evaluate.run(cfg) == folder
+    assert "1 of 4 unit(s) to evaluate (pretrained 0, personalized 1" in caplog.text
+    after = unit_stamps(folder)
+    assert {unit: after[unit] for unit in before} == before  # the finished objects were not touched
+    assert set(after) == set(before) | {"personalized/mug_b"}
+    assert read_manifest(folder)["stage"] == "evaluate" and not (folder / "failures.json").exists()
+    assert_same_as_before(folder)  # the same numbers as one clean run
+
+
+@pytest.mark.slow
+def test_the_driver_receives_metrics_and_rle_never_masks_or_images(tmp_path, dinov2, ray_local):
+    out = tmp_path / "out"
+    cfg = make_cfg(out, dinov2)
+    write_ingest(out)
+    write_adapters(cfg, out, ["mug_a", "mug_b"])
+    images_path = out / "ingest" / "images.parquet"
+    sets = load_evaluation_images(images_path, json.loads((out / "ingest" / "instances.json").read_text()))
+    todo = {"pretrained": ["mug_a", "mug_b"], "personalized": ["mug_a"]}
+    items = evaluate.work_items(todo, {"mug_a": out / "train" / "mug_a"}, chunk=2)
+    assert [item["model"] for item in items] == ["pretrained", "personalized"]  # one pass for both instances
+
+    rows = list(evaluate.stream_results(cfg, images_path, sets, items))
+    assert sorted((r["model"], r["instance"]) for r in rows) == sorted((m, i) for m, ids in todo.items() for i in ids)
+    mask_bytes = SIZE * SIZE  # one dense mask as a bool array
+    for row in rows:
+        assert set(row) == {"model", "instance", "result", "error"} and row["error"] == ""
+        assert all(isinstance(value, str) for value in row.values())  # JSON text: no arrays, no PNG bytes
+        result = json.loads(row["result"])
+        assert set(result) == {"metrics", "curve", "predictions", "example"}
+        assert all(set(p) == {"image_id", "box", "score"} for p in result["predictions"])  # no masks in the list
+        rle = result["example"]["rle"]  # the one mask sent: the report's example, run-length encoded
+        assert rle["size"] == [SIZE, SIZE] and isinstance(rle["counts"], str)
+        assert len(rle["counts"]) < mask_bytes / 10
+        assert len(pickle.dumps(row)) < 4 * mask_bytes  # 4 dense predictions per instance as masks would be more

@@ -1,0 +1,146 @@
+"""One encoder's metrics for the instances it is scored on, computed where its features are (no Ray here).
+
+:func:`evaluate_encoder` is the whole evaluation of one encoder: the dense templates of its instances (their
+masked train images), then one streamed pass over the evaluation images (:mod:`.images`) embedding the train and
+test images and predicting on the dense ones, then the metrics. It returns per instance a compact, JSON-able
+result: ``metrics`` (``classification/pr_auc``, ``retrieval/{ndcg,mrr,top10}``, ``detection/{ap,ap50}``,
+``segmentation/{ap,ap50}`` for the tasks asked), ``curve`` (``{"precision", "recall"}`` lists, or None without
+classification), ``predictions`` (``[{"image_id", "box", "score"}]``) and ``example`` (the best prediction on
+one of the instance's own images: ``{"image_id", "score", "rle"}``, or None). Dense masks become COCO RLE as they
+are predicted, so the process holds embeddings (N x D floats) and RLEs, never a batch of full-size masks beyond
+the one being predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from personalization import schema
+from personalization.evaluation.classification import compute_pr_curve, evaluate_classification
+from personalization.evaluation.coco import encode_annotation, encode_prediction, evaluate_coco_compact
+from personalization.evaluation.extract import FeatureExtractor
+from personalization.evaluation.images import EvaluationImages, iter_rows
+from personalization.evaluation.retrieval import evaluate_retrieval
+
+DENSE_TASKS = ("detection", "segmentation")
+EMBED_TASKS = ("classification", "retrieval")
+
+
+def compute_templates(
+    extractor: FeatureExtractor, images_path: str | Path, sets: EvaluationImages, instances: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{instance: (reference (C,), train box means (k, C))}, float64, from all its masked train images at once."""
+    wanted = {instance: sets.masked_train(instance) for instance in instances}
+    rows = {}
+    for table in iter_rows(images_path, [i for ids in wanted.values() for i in ids], ["image", "mask"], 256):
+        pairs = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)
+        rows.update(zip(table["image_id"].to_pylist(), pairs, strict=True))
+    templates = {}
+    for instance, ids in wanted.items():
+        references, box_means = extractor.templates([rows[i][0] for i in ids], [rows[i][1] for i in ids])
+        templates[instance] = (references[0].astype(np.float64), box_means.astype(np.float64))
+    return templates
+
+
+def extract_features(
+    extractor: FeatureExtractor,
+    images_path: str | Path,
+    sets: EvaluationImages,
+    instances: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    batch_size: int,
+    min_object_pixels: int,
+) -> tuple[dict[str, np.ndarray], dict[str, list[dict]], dict[str, dict]]:
+    """One streamed pass: embeddings {image_id: (D,)} of train + test images, RLE predictions {instance: [...]}
+    on the dense images, and the ground-truth annotations {image_id: RLE form or None} of the instances' own."""
+    embed = set(sets.train + sets.test) if set(EMBED_TASKS) & set(tasks) else set()
+    dense = set(sets.dense) if set(DENSE_TASKS) & set(tasks) else set()
+    templates = compute_templates(extractor, images_path, sets, instances) if dense else {}
+    embeddings: dict[str, np.ndarray] = {}
+    predictions: dict[str, list[dict]] = {i: [] for i in instances}
+    annotations: dict[str, dict | None] = {}
+    for table in iter_rows(images_path, embed | dense, ["image", "mask"], batch_size):
+        ids, images = table["image_id"].to_pylist(), table["image"].to_pylist()
+        chosen = [k for k, i in enumerate(ids) if i in embed]
+        if chosen:
+            found = extractor.embed([images[k] for k in chosen])
+            embeddings.update(zip([ids[k] for k in chosen], found, strict=True))
+        chosen = [k for k, i in enumerate(ids) if i in dense]
+        if not chosen:
+            continue
+        hw = [sets.size[ids[k]] for k in chosen]
+        for instance, prediction in extractor.predictions(
+            [images[k] for k in chosen], [ids[k] for k in chosen], hw, templates, min_object_pixels
+        ):
+            predictions[instance].append(encode_prediction(prediction))
+        for k, mask in zip(chosen, table["mask"].take(chosen).to_pylist(), strict=True):
+            if sets.owner[ids[k]] in templates and mask is not None:
+                annotations[ids[k]] = encode_annotation(schema.decode_mask(mask))
+    return embeddings, predictions, annotations
+
+
+def evaluate_encoder(
+    extractor: FeatureExtractor,
+    images_path: str | Path,
+    sets: EvaluationImages,
+    instances: Sequence[str],
+    tasks: Sequence[str],
+    *,
+    batch_size: int,
+    min_object_pixels: int,
+) -> dict[str, dict]:
+    """{instance: {"metrics", "curve", "predictions", "example"}} of one encoder (see the module docstring)."""
+    embeddings, predictions, annotations = extract_features(
+        extractor, images_path, sets, instances, tasks, batch_size=batch_size, min_object_pixels=min_object_pixels
+    )
+    results = {}
+    for instance in instances:
+        metrics, curve = compute_embedding_metrics(embeddings, sets, instance, tasks)
+        dense_tasks = [t for t in tasks if t in DENSE_TASKS]
+        if dense_tasks:
+            own = {i: annotations[i] for i in sets.dense if sets.owner[i] == instance and i in annotations}
+            images = {i: sets.size[i] for i in sets.dense}
+            # NaN when the instance has no annotated dense image (documented in evaluation/coco.py).
+            metrics.update(evaluate_coco_compact(images, own, predictions[instance], tasks=dense_tasks))
+        results[instance] = {
+            "metrics": metrics,
+            "curve": curve,
+            "predictions": [{k: p[k] for k in ("image_id", "box", "score")} for p in predictions[instance]],
+            "example": best_own_prediction(predictions[instance], sets, instance),
+        }
+    return results
+
+
+def compute_embedding_metrics(
+    embeddings: dict[str, np.ndarray], sets: EvaluationImages, instance: str, tasks: Sequence[str]
+) -> tuple[dict[str, float], dict | None]:
+    """Classification PR-AUC (and its curve) and retrieval NDCG / MRR / top-10 of one instance."""
+    metrics: dict[str, float] = {}
+    if not set(EMBED_TASKS) & set(tasks):
+        return metrics, None
+    train_x = np.stack([embeddings[i] for i in sets.train])
+    test_x = np.stack([embeddings[i] for i in sets.test])
+    train_y = np.array([sets.owner[i] for i in sets.train])
+    test_y = np.array([sets.owner[i] for i in sets.test])
+    curve = None
+    if "classification" in tasks:
+        metrics["classification/pr_auc"] = evaluate_classification(train_x, train_y, test_x, test_y, instance)["pr_auc"]
+        precision, recall = compute_pr_curve(train_x, train_y, test_x, test_y, instance)
+        curve = {"precision": precision.tolist(), "recall": recall.tolist()}
+    if "retrieval" in tasks:
+        for name, value in evaluate_retrieval(train_x, train_y, test_x, test_y, instance).items():
+            metrics[f"retrieval/{name}"] = value
+    return metrics, curve
+
+
+def best_own_prediction(predictions: Sequence[dict], sets: EvaluationImages, instance: str) -> dict | None:
+    """The highest-scoring prediction on one of the instance's own images (the report's example), or None."""
+    own = [p for p in predictions if sets.owner.get(p["image_id"]) == instance]
+    if not own:
+        return None
+    best = max(own, key=lambda p: p["score"])
+    return {"image_id": best["image_id"], "score": best["score"], "rle": best["rle"]}
