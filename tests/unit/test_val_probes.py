@@ -64,3 +64,25 @@ def test_hide_probes_moves_only_the_probes_out_of_val():
     assert {i for i, info in view.items() if info["split"] == PROBE_SPLIT} == {"mug_00", "mug_02"}
     assert view["mug_01"] == instances["mug_01"] and view["mug_test"]["split"] == "test"
     assert instances["mug_00"]["split"] == "val"  # the input is not changed
+
+
+def test_val_negatives_of_a_probe_come_from_the_pool_only_in_the_training_view():
+    from PIL import Image
+
+    from personalization.config import build_config
+    from personalization.contrastive.data import select_training_rows
+    from personalization.schema import make_row, rows_to_table
+
+    instances = _instances(mug=4)
+    photo = Image.new("RGB", (8, 8))
+    images = rows_to_table([make_row(image_id=i, instance_id=i, category="mug", role="real_train", source="real",
+                                     image=photo) for i in instances])  # fmt: skip
+    train_cfg = build_config({"train": {"negatives": "val", "positive_sources": ["real"]}}).train
+    split = partition_val(instances, count=2, seed=0, needs_pool=True)
+    probe, other = split.probes
+
+    def negatives(view):
+        return set(select_training_rows(images, images.schema.empty_table(), probe, train_cfg, view).negative_ids)
+
+    assert other in negatives(instances)  # the dataset as it is: the other probe would be a negative
+    assert negatives(hide_probes(instances, split.probes)) == set(split.pool)
