@@ -8,7 +8,7 @@ TOY ?= outputs/toy
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench lock clean
+.PHONY: install demo test test-fast lint bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra --durations=15 tests
+
+# Day-to-day: the unit tests without the slow ones (no Ray; under 2 minutes). `make test` runs everything.
+test-fast: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -x -m "not slow" tests/unit
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

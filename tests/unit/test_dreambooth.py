@@ -64,6 +64,7 @@ def test_zoo_pipeline_loads_with_stock_diffusers(sd_dir):
     np.testing.assert_array_equal(images, _sample(pipe))  # seeded sampling is reproducible
 
 
+@pytest.mark.slow
 def test_full_finetune_changes_unet_and_text_encoder_and_loads(sd_dir, photos, tmp_path):
     images, masks = photos
     class_images = generate_class_images(sd_dir, "mug", 2, resolution=RES, steps=2)
@@ -109,6 +110,7 @@ def test_lora_output_loads_with_load_lora_weights(sd_dir, photos, tmp_path):
     assert not np.allclose(base_images, _sample(pipe))
 
 
+@pytest.mark.slow
 def test_lora_default_learning_rate_moves_the_generator_where_the_full_rate_does_not(sd_dir, photos, tmp_path):
     """LoRA DreamBooth with the full fine-tune's 2e-6 barely changes a sample; the LoRA default (1e-4) does."""
     from personalization.config import DreamboothConfig

@@ -11,12 +11,10 @@ import pytest
 from personalization.config import build_config
 from pipelines.instances import (
     FAILURES,
-    concurrency,
     describe,
     read_failures,
     run_each,
     without_failed,
-    worker_resources,
 )
 from pipelines.stages import per_instance_before
 
@@ -60,19 +58,6 @@ def test_interrupts_are_not_instance_failures(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_each(cfg, "train", ["mug_1", "mug_2"], work, per_run={"CPU": 1})
-
-
-def test_concurrency_follows_the_cluster_resources(tmp_path, ray_local):
-    cfg = _cfg(tmp_path)  # ray_local: 2 CPUs, no GPU
-    assert concurrency(cfg, {"CPU": 1}, pending=5) == 2
-    assert concurrency(cfg, {"CPU": 2}, pending=5) == 1
-    assert concurrency(cfg, {"CPU": 1}, pending=1) == 1
-    assert concurrency(cfg, {"GPU": 0.5}, pending=5) == 1  # none fits yet (autoscaling): one at a time
-    assert concurrency(cfg, {"CPU": 1}, pending=0) == 0
-    assert concurrency(_cfg(tmp_path, ray={"max_concurrent": 3}), {"CPU": 1}, pending=5) == 3
-    packed = _cfg(tmp_path, ray={"instances_per_gpu": 4})
-    assert worker_resources(packed, use_gpu=True) == {"GPU": 0.25}
-    assert worker_resources(packed, use_gpu=False) == {"CPU": 1.0}
 
 
 def test_later_stages_leave_out_what_failed_upstream(tmp_path, caplog):
