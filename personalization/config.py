@@ -8,6 +8,7 @@ a bad config fails at once with the key and the fix in the message.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +142,7 @@ class DreamboothConfig:
     lora_rank: int = 16
     gradient_checkpointing: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    use_8bit_adam: bool = True
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit on CUDA (the reference's); needs the `gpu` extra
     checkpoint_every: int = 100  # steps between resumable checkpoints of a run (0 = none)
     max_failures: int = 2  # restarts of a failed run, each from its last checkpoint
     use_gpu: GpuChoice = "auto"  # the trainings and the class images (see GpuChoice)
@@ -164,6 +165,12 @@ class DreamboothConfig:
         check_positive(self.checkpoint_every, "dreambooth.checkpoint_every", allow_zero=True)
         check_positive(self.max_failures, "dreambooth.max_failures", allow_zero=True)
         check_gpu_choice(self.use_gpu, "dreambooth.use_gpu")
+        require(
+            not self.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
+            "dreambooth.use_8bit_adam",
+            "8-bit Adam needs bitsandbytes, which is not installed: pip install -e '.[gpu]' (bitsandbytes==0.50.2, "
+            "CUDA machines), or set dreambooth.use_8bit_adam=false (torch AdamW, fp32 optimizer state)",
+        )
 
 
 @dataclass(frozen=True)

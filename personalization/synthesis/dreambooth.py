@@ -135,14 +135,24 @@ def generate_class_images(
 
 
 def _optimizer(params: list, learning_rate: float, use_8bit_adam: bool, device: torch.device):
-    if use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb  # optional: only where it is installed
+    """torch AdamW, or bitsandbytes' AdamW8bit (the reference's; a quarter of the optimizer memory) when asked.
 
-            return bnb.optim.AdamW8bit(params, lr=learning_rate)
-        except ImportError:
-            log.info("bitsandbytes not installed: using torch AdamW")
-    return torch.optim.AdamW(params, lr=learning_rate)
+    Asking for 8-bit Adam without bitsandbytes is an error, never a quiet fall back to fp32 AdamW. On a CPU it
+    is ignored with a warning: its kernels (and its point, GPU memory) are CUDA's.
+    """
+    if not use_8bit_adam:
+        return torch.optim.AdamW(params, lr=learning_rate)
+    try:
+        import bitsandbytes as bnb  # optional: the `gpu` extra of pyproject.toml
+    except ImportError as error:
+        raise DreamboothError(
+            "use_8bit_adam=True needs bitsandbytes, which is not installed: pip install -e '.[gpu]' "
+            "(bitsandbytes==0.50.2), or set dreambooth.use_8bit_adam=false"
+        ) from error
+    if device.type != "cuda":
+        log.warning("8-bit Adam runs on CUDA only: using torch AdamW on %s", device)
+        return torch.optim.AdamW(params, lr=learning_rate)
+    return bnb.optim.AdamW8bit(params, lr=learning_rate)
 
 
 class DreamboothRun:
@@ -153,7 +163,8 @@ class DreamboothRun:
     reference to ``base_model`` (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
     on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
     the text encoder stays frozen in LoRA mode. Mixed precision (autocast, fp16 with a grad scaler) and 8-bit
-    Adam (bitsandbytes, when importable) apply on CUDA only; CPU runs in fp32 with torch AdamW.
+    Adam (``use_8bit_adam``: bitsandbytes, an error when it is not installed) apply on CUDA only; CPU runs in
+    fp32 with torch AdamW.
     """
 
     def __init__(
@@ -174,7 +185,7 @@ class DreamboothRun:
         lora_rank: int = 16,
         gradient_checkpointing: bool = True,
         mixed_precision: str = "fp16",
-        use_8bit_adam: bool = True,
+        use_8bit_adam: bool = False,
         seed: int = 0,
         device: str | None = None,
     ):
