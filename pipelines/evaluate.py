@@ -10,7 +10,7 @@ Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<in
 - ``pr_curves.json``: ``{model: {instance: {"precision": [...], "recall": [...]}}}``.
 - ``predictions.json``: ``{model: {instance: [{"image_id", "box", "score"}]}}`` (dense tasks).
 - ``examples/*.png`` + ``mask_examples.json``: ``[{"caption", "image", "mask"}]`` for the report.
-- ``<model>/<instance>/``: one committed unit per (model, instance), ``result.json`` + ``example_mask.png``
+- ``<model>/<instance>/``: one committed unit per (model, instance), ``result.json`` + ``example_*.png``
   (``personalization/evaluation/outputs.py``), from which the files above are assembled.
 
 The evaluated population, the test set and the dense images are defined in ``personalization/evaluation/
@@ -19,9 +19,10 @@ only, over the same images. Work items are one encoder and the instances it is s
 chunks of ``PRETRAINED_CHUNK`` instances, each personalized one alone), run by one Ray Data actor pool
 (:class:`EvaluateActor`): an actor streams the rows it needs from the Parquet table, computes the metrics there
 (``personalization/evaluation/measure.py``) and returns a compact JSON result per instance (metrics, PR curve,
-boxes and scores, one RLE mask), never images or dense masks. The driver commits each (model, instance) as it
-arrives; a failure is kept to its instance (``OUT/evaluate/failures.json``, the summary files list the others
-with ``"failed"`` and no manifest), and a re-run redoes only the units that are missing or out of date.
+boxes and scores, the report's example: one RLE mask and its image), never the image table or dense masks. The
+driver commits each (model, instance) as it arrives; a failure is kept to its instance
+(``OUT/evaluate/failures.json``; the summary files list the others, with ``"failed"`` and no manifest), and a
+re-run redoes only the units that are missing or out of date.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.evaluation.extract import FeatureExtractor
-from personalization.evaluation.images import EvaluationImages, iter_rows, load_evaluation_images
+from personalization.evaluation.images import EvaluationImages, load_evaluation_images
 from personalization.evaluation.measure import DENSE_TASKS, evaluate_encoder
 from personalization.evaluation.outputs import (
     MODELS,
@@ -91,7 +92,7 @@ class EvaluateActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"model": [], "instance": [], "result": [], "error": []}
+        out: dict[str, list] = {"model": [], "instance": [], "result": [], "image": [], "error": []}
         for model, adapter, instances in zip(batch["model"], batch["adapter"], batch["instances"], strict=True):
             instances = json.loads(instances)
             try:
@@ -100,9 +101,12 @@ class EvaluateActor:
                 log.exception("evaluate: %s encoder of %s failed", model, instances)
                 found, error = {}, describe(failure)
             for instance in instances:
+                result = found.get(instance)
+                example = (result or {}).get("example") or {}
                 out["model"].append(str(model))
                 out["instance"].append(instance)
-                out["result"].append(json.dumps(found[instance]) if instance in found else "")
+                out["image"].append(example.pop("image", b""))  # the example's PNG, as bytes beside the JSON
+                out["result"].append(json.dumps(result) if result is not None else "")
                 out["error"].append(error)
         return {key: np.array(values + [None], dtype=object)[:-1] for key, values in out.items()}
 
@@ -126,7 +130,8 @@ def work_items(
 def stream_results(
     cfg: ExperimentConfig, images_path: Path, sets: EvaluationImages, items: list[dict]
 ) -> Iterator[dict]:
-    """Rows ``{model, instance, result (JSON), error}`` as the actors finish them (in no fixed order)."""
+    """Rows ``{model, instance, result (JSON), image (the example's PNG or b""), error}`` as the actors finish them
+    (in no fixed order)."""
     if not items:
         return
     settings = {
@@ -157,10 +162,8 @@ def unit_inputs(ingest: Path, adapters: dict[str, Path], model: str, instance: s
     return {"ingest": ingest} | ({f"train/{instance}": adapters[instance]} if model == "personalized" else {})
 
 
-def evaluate_units(
-    cfg: ExperimentConfig, sets: EvaluationImages, instances: list[str], adapters: dict[str, Path]
-) -> dict[str, str]:
-    """Commit ``OUT/evaluate/<model>/<instance>/`` for every unit not already current; returns {instance: error}."""
+def units_to_do(cfg: ExperimentConfig, instances: list[str], adapters: dict[str, Path]) -> dict[str, list[str]]:
+    """{model: [instances]} whose ``OUT/evaluate/<model>/<instance>/`` is missing or out of date."""
     out, ingest = stage_dir(cfg, STAGE), stage_dir(cfg, "ingest")
     todo = {
         model: [i for i in instances if not is_current(out / model / i, STAGE, unit_config(cfg, model, i),
@@ -171,6 +174,14 @@ def evaluate_units(
         "evaluate: %d of %d unit(s) to evaluate (%s; pretrained in chunks of %d)", sum(map(len, todo.values())),
         len(MODELS) * len(instances), ", ".join(f"{m} {len(t)}" for m, t in todo.items()), PRETRAINED_CHUNK,
     )  # fmt: skip
+    return todo
+
+
+def evaluate_units(
+    cfg: ExperimentConfig, sets: EvaluationImages, todo: dict[str, list[str]], adapters: dict[str, Path]
+) -> dict[str, str]:
+    """Commit ``OUT/evaluate/<model>/<instance>/`` for the units of ``todo`` as they arrive; {instance: error}."""
+    out, ingest = stage_dir(cfg, STAGE), stage_dir(cfg, "ingest")
     failures: dict[str, str] = {}
     for row in stream_results(cfg, ingest / "images.parquet", sets, work_items(todo, adapters)):
         model, instance = row["model"], row["instance"]
@@ -178,6 +189,8 @@ def evaluate_units(
             failures[instance] = f"{model} encoder: {row['error']}"
             continue
         result = json.loads(row["result"])
+        if result["example"] is not None:
+            result["example"]["image"] = row["image"]
         commit_stage(
             out / model / instance, STAGE, unit_config(cfg, model, instance),
             lambda tmp, result=result: save_result(tmp, result),
@@ -197,14 +210,6 @@ def check_inputs(cfg: ExperimentConfig, images_path: Path, sets: EvaluationImage
                 "the reference from the object's mask; add train_masks/<instance>/ and re-run `personalize ingest`, "
                 "or drop detection and segmentation from evaluate.tasks"
             )
-
-
-def read_images(images_path: Path, image_ids: list[str]) -> dict[str, bytes]:
-    """PNG bytes of a few images (the report's examples), streamed out of the table."""
-    found: dict[str, bytes] = {}
-    for table in iter_rows(images_path, image_ids, ["image"], batch_size=8):
-        found.update(zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True))
-    return found
 
 
 def run(cfg: ExperimentConfig) -> Path:
@@ -235,16 +240,16 @@ def run(cfg: ExperimentConfig) -> Path:
     if skipped:
         log.info("evaluate: %s", skip_note(skipped))
     check_inputs(cfg, images_path, sets, evaluated)
-    failures = {}
-    if evaluated:  # nothing to embed: no Ray needed
+    failures, todo = {}, units_to_do(cfg, evaluated, adapters)
+    if any(todo.values()):  # every unit committed already (or nothing to measure): no Ray needed
         with ray_session(cfg):
-            failures = evaluate_units(cfg, sets, evaluated, adapters)
+            failures = evaluate_units(cfg, sets, todo, adapters)
     write_failures(cfg, STAGE, failures, selected=instances)
     done = [i for i in evaluated if i not in failures]
 
     def make(tmp: Path) -> int:
         units = {model: {i: out / model / i for i in done} for model in MODELS}
-        count = write_summary(tmp, units, lambda ids: read_images(images_path, ids)) if done else write_empty(tmp)
+        count = write_summary(tmp, units) if done else write_empty(tmp)
         if skipped:  # the instances without test images: listed, with the one-line note, beside the metrics
             add_to_metrics(tmp, skipped=skipped, note=skip_note(skipped))
         if failures:

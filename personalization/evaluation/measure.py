@@ -6,9 +6,9 @@ test images and predicting on the dense ones, then the metrics. It returns per i
 result: ``metrics`` (``classification/pr_auc``, ``retrieval/{ndcg,mrr,top10}``, ``detection/{ap,ap50}``,
 ``segmentation/{ap,ap50}`` for the tasks asked), ``curve`` (``{"precision", "recall"}`` lists, or None without
 classification), ``predictions`` (``[{"image_id", "box", "score"}]``) and ``example`` (the best prediction on
-one of the instance's own images: ``{"image_id", "score", "rle"}``, or None). Dense masks become COCO RLE as they
-are predicted, so the process holds embeddings (N x D floats) and RLEs, never a batch of full-size masks beyond
-the one being predicted.
+one of the instance's own images: ``{"image_id", "score", "rle", "image" (its PNG bytes)}``, or None). Dense
+masks become COCO RLE as they are predicted, so the process holds embeddings (N x D floats) and RLEs, never a
+batch of full-size masks beyond the one being predicted.
 """
 
 from __future__ import annotations
@@ -54,15 +54,17 @@ def extract_features(
     *,
     batch_size: int,
     min_object_pixels: int,
-) -> tuple[dict[str, np.ndarray], dict[str, list[dict]], dict[str, dict]]:
+) -> tuple[dict[str, np.ndarray], dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
     """One streamed pass: embeddings {image_id: (D,)} of train + test images, RLE predictions {instance: [...]}
-    on the dense images, and the ground-truth annotations {image_id: RLE form or None} of the instances' own."""
+    on the dense images, the ground-truth annotations {image_id: RLE form or None} of the instances' own, and
+    each instance's example (:func:`keep_if_best`)."""
     embed = set(sets.train + sets.test) if set(EMBED_TASKS) & set(tasks) else set()
     dense = set(sets.dense) if set(DENSE_TASKS) & set(tasks) else set()
     templates = compute_templates(extractor, images_path, sets, instances) if dense else {}
     embeddings: dict[str, np.ndarray] = {}
     predictions: dict[str, list[dict]] = {i: [] for i in instances}
     annotations: dict[str, dict | None] = {}
+    examples: dict[str, dict] = {}
     for table in iter_rows(images_path, embed | dense, ["image", "mask"], batch_size):
         ids, images = table["image_id"].to_pylist(), table["image"].to_pylist()
         chosen = [k for k, i in enumerate(ids) if i in embed]
@@ -77,10 +79,20 @@ def extract_features(
             [images[k] for k in chosen], [ids[k] for k in chosen], hw, templates, min_object_pixels
         ):
             predictions[instance].append(encode_prediction(prediction))
+            keep_if_best(examples, instance, predictions[instance][-1], sets, images[ids.index(prediction.image_id)])
         for k, mask in zip(chosen, table["mask"].take(chosen).to_pylist(), strict=True):
             if sets.owner[ids[k]] in templates and mask is not None:
                 annotations[ids[k]] = encode_annotation(schema.decode_mask(mask))
-    return embeddings, predictions, annotations
+    return embeddings, predictions, annotations, examples
+
+
+def keep_if_best(examples: dict[str, dict], instance: str, prediction: dict, sets: EvaluationImages, image: bytes):
+    """Keep the first highest-scoring prediction on one of the instance's own images (the report's example), with
+    the PNG of that image: ``{"image_id", "score", "rle", "image"}``."""
+    if sets.owner.get(prediction["image_id"]) != instance:
+        return
+    if instance not in examples or prediction["score"] > examples[instance]["score"]:
+        examples[instance] = {k: prediction[k] for k in ("image_id", "score", "rle")} | {"image": image}
 
 
 def evaluate_encoder(
@@ -94,7 +106,7 @@ def evaluate_encoder(
     min_object_pixels: int,
 ) -> dict[str, dict]:
     """{instance: {"metrics", "curve", "predictions", "example"}} of one encoder (see the module docstring)."""
-    embeddings, predictions, annotations = extract_features(
+    embeddings, predictions, annotations, examples = extract_features(
         extractor, images_path, sets, instances, tasks, batch_size=batch_size, min_object_pixels=min_object_pixels
     )
     results = {}
@@ -110,7 +122,7 @@ def evaluate_encoder(
             "metrics": metrics,
             "curve": curve,
             "predictions": [{k: p[k] for k in ("image_id", "box", "score")} for p in predictions[instance]],
-            "example": best_own_prediction(predictions[instance], sets, instance),
+            "example": examples.get(instance),
         }
     return results
 
@@ -135,12 +147,3 @@ def compute_embedding_metrics(
         for name, value in evaluate_retrieval(train_x, train_y, test_x, test_y, instance).items():
             metrics[f"retrieval/{name}"] = value
     return metrics, curve
-
-
-def best_own_prediction(predictions: Sequence[dict], sets: EvaluationImages, instance: str) -> dict | None:
-    """The highest-scoring prediction on one of the instance's own images (the report's example), or None."""
-    own = [p for p in predictions if sets.owner.get(p["image_id"]) == instance]
-    if not own:
-        return None
-    best = max(own, key=lambda p: p["score"])
-    return {"image_id": best["image_id"], "score": best["score"], "rle": best["rle"]}

@@ -1,8 +1,9 @@
 """What `evaluate` writes: one folder per (model, instance) result, and the summary files assembled from them.
 
 ``OUT/evaluate/<model>/<instance>/`` (model = ``pretrained`` or ``personalized``) holds ``result.json``
-(``metrics``, ``curve``, ``predictions``, ``example`` without its mask) and ``example_mask.png`` (the mask of the
-example prediction, when there is one); each such folder is committed on its own, with its own manifest.
+(``metrics``, ``curve``, ``predictions``, ``example``) and the example prediction's mask and image
+(``example_mask.png``, ``example_image.png``, when there is one); each folder is committed on its own, with its
+own manifest.
 
 The summary files at the top of ``OUT/evaluate/`` (formats in ``pipelines/evaluate.py``'s docstring):
 ``metrics.json``, ``pr_curves.json``, ``predictions.json``, ``mask_examples.json`` and ``examples/*.png``.
@@ -32,7 +33,7 @@ from personalization.schema import SCHEMA_VERSION
 
 MODELS = ("pretrained", "personalized")
 RESULT = "result.json"
-EXAMPLE_MASK = "example_mask.png"
+EXAMPLE_MASK, EXAMPLE_IMAGE = "example_mask.png", "example_image.png"
 EXAMPLES_PER_MODEL = 4  # predicted masks saved for the report, per model
 SUMMARY_FILES = ("metrics.json", "pr_curves.json", "predictions.json", "mask_examples.json", "examples")
 
@@ -48,7 +49,9 @@ def save_result(folder: Path, result: Mapping) -> int:
     example = result.get("example")
     if example is not None:
         (folder / EXAMPLE_MASK).write_bytes(schema.encode_mask(decode_rle(example["rle"])))
-        example = {"image_id": example["image_id"], "score": example["score"], "mask": EXAMPLE_MASK}
+        (folder / EXAMPLE_IMAGE).write_bytes(example["image"])
+        example = {"image_id": example["image_id"], "score": example["score"], "mask": EXAMPLE_MASK,
+                   "image": EXAMPLE_IMAGE}  # fmt: skip
     (folder / RESULT).write_text(json.dumps({**result, "example": example}))
     return len(result["predictions"])
 
@@ -63,11 +66,9 @@ def mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def write_summary(
-    out: Path, results: Mapping[str, Mapping[str, Path]], read_images: Callable[[list[str]], dict[str, bytes]]
-) -> int:
+def write_summary(out: Path, results: Mapping[str, Mapping[str, Path]]) -> int:
     """The summary files of ``results`` ({model: {instance: committed result folder}}, same instances for both
-    models, in evaluation order) into ``out``; ``read_images(ids)`` -> PNG bytes of the example images."""
+    models, in evaluation order) into ``out``."""
     instances = list(results[MODELS[0]])
     per_instance: dict[str, dict] = {i: {} for i in instances}
     curves: dict[str, dict] = {model: {} for model in MODELS}
@@ -91,21 +92,18 @@ def write_summary(
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "pr_curves.json").write_text(json.dumps(curves))
     (out / "predictions.json").write_text(json.dumps(predictions, indent=1))
-    (out / "mask_examples.json").write_text(json.dumps(save_examples(out, examples, read_images), indent=2))
+    (out / "mask_examples.json").write_text(json.dumps(save_examples(out, examples), indent=2))
     return len(instances)
 
 
-def save_examples(
-    out: Path, examples: Mapping[str, list], read_images: Callable[[list[str]], dict[str, bytes]]
-) -> list[dict]:
+def save_examples(out: Path, examples: Mapping[str, list]) -> list[dict]:
     """``examples/<model>_<instance>_<image>_{image,mask}.png`` and their captions, sorted by instance per model."""
     chosen = [(model, *entry) for model in MODELS for entry in sorted(examples[model], key=lambda e: e[0])]
-    images = read_images(sorted({example["image_id"] for *_, example in chosen}))
     listed = []
     for model, instance, folder, example in chosen:
         stem = f"{model}_{instance}_{example['image_id']}"
         (out / "examples").mkdir(exist_ok=True)
-        (out / "examples" / f"{stem}_image.png").write_bytes(images[example["image_id"]])
+        shutil.copyfile(folder / example["image"], out / "examples" / f"{stem}_image.png")
         shutil.copyfile(folder / example["mask"], out / "examples" / f"{stem}_mask.png")
         listed.append(
             {

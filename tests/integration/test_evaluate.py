@@ -274,7 +274,7 @@ def test_a_failed_object_keeps_the_others_and_a_rerun_redoes_only_it(tmp_path, d
 
 
 @pytest.mark.slow
-def test_the_driver_receives_metrics_and_rle_never_masks_or_images(tmp_path, dinov2, ray_local):
+def test_the_driver_receives_metrics_and_one_example_never_dense_masks(tmp_path, dinov2, ray_local):
     out = tmp_path / "out"
     cfg = make_cfg(out, dinov2)
     write_ingest(out)
@@ -289,12 +289,15 @@ def test_the_driver_receives_metrics_and_rle_never_masks_or_images(tmp_path, din
     assert sorted((r["model"], r["instance"]) for r in rows) == sorted((m, i) for m, ids in todo.items() for i in ids)
     mask_bytes = SIZE * SIZE  # one dense mask as a bool array
     for row in rows:
-        assert set(row) == {"model", "instance", "result", "error"} and row["error"] == ""
-        assert all(isinstance(value, str) for value in row.values())  # JSON text: no arrays, no PNG bytes
+        assert set(row) == {"model", "instance", "result", "image", "error"} and row["error"] == ""
+        assert all(isinstance(row[key], str) for key in ("model", "instance", "result", "error"))  # JSON: no arrays
         result = json.loads(row["result"])
+        example = schema.decode_image(row["image"])  # the one image sent: the report's example, as PNG
+        assert example.size == (SIZE, SIZE) and result["example"]["image_id"] in sets.dense
         assert set(result) == {"metrics", "curve", "predictions", "example"}
         assert all(set(p) == {"image_id", "box", "score"} for p in result["predictions"])  # no masks in the list
         rle = result["example"]["rle"]  # the one mask sent: the report's example, run-length encoded
         assert rle["size"] == [SIZE, SIZE] and isinstance(rle["counts"], str)
         assert len(rle["counts"]) < mask_bytes / 10
-        assert len(pickle.dumps(row)) < 4 * mask_bytes  # 4 dense predictions per instance as masks would be more
+        sent = len(pickle.dumps({k: v for k, v in row.items() if k != "image"}))
+        assert sent < 4 * mask_bytes  # the 4 dense predictions per instance as masks would be more

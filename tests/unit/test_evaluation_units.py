@@ -108,6 +108,9 @@ def test_iter_rows_streams_the_asked_rows_in_order_in_batches(two_shards):
     assert schema.decode_image(batches[0]["image"][0].as_py()).size == (16, 12)
 
 
+IMAGE = schema.encode_png(Image.new("RGB", (6, 6), (200, 10, 10)))
+
+
 def result(score, ndcg, example=True):
     mask = np.zeros((6, 6), bool)
     mask[1:4, 2:5] = True
@@ -115,7 +118,7 @@ def result(score, ndcg, example=True):
         "metrics": {"classification/pr_auc": score, "retrieval/ndcg": ndcg},
         "curve": {"precision": [0.5, 1.0], "recall": [1.0, 0.0]},
         "predictions": [{"image_id": "img", "box": [2.0, 1.0, 3.0, 3.0], "score": score}],
-        "example": {"image_id": "img", "score": score, "rle": encode_prediction(
+        "example": {"image_id": "img", "score": score, "image": IMAGE, "rle": encode_prediction(
             DensePrediction("img", mask, mask_box(mask), score))["rle"]} if example else None,
     }  # fmt: skip
 
@@ -130,10 +133,9 @@ def test_results_and_summary_keep_the_output_formats(tmp_path):
             commit_stage(folder, "evaluate", {"unit": [model, instance]}, build)
             units[model][instance] = folder
     example = load_result(units["pretrained"]["c"])["example"]
-    assert example == {"image_id": "img", "score": 0.2, "mask": "example_mask.png"}
+    assert example == {"image_id": "img", "score": 0.2, "mask": "example_mask.png", "image": "example_image.png"}
 
-    images = {"img": schema.encode_png(Image.new("RGB", (6, 6)))}
-    commit_files(out, "evaluate", {"top": 1}, lambda tmp: write_summary(tmp, units, lambda ids: images))
+    commit_files(out, "evaluate", {"top": 1}, lambda tmp: write_summary(tmp, units))
     assert is_current(out, "evaluate", {"top": 1}) and read_manifest(out)["rows"] == 5
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["pretrained", "personalized", "per_instance"]
@@ -152,7 +154,7 @@ def test_results_and_summary_keep_the_output_formats(tmp_path):
     assert len(examples) == 6
     mask = schema.decode_mask((out / examples[0]["mask"]).read_bytes())
     assert mask.sum() == 9 and mask[1:4, 2:5].all()
-    assert (out / examples[0]["image"]).read_bytes() == images["img"]
+    assert (out / examples[0]["image"]).read_bytes() == IMAGE
 
     # A second summary replaces the files, drops stale examples and keeps every committed unit.
     manifests = {p: p.read_bytes() for p in out.glob(f"*/*/{MANIFEST}")}
