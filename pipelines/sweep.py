@@ -141,6 +141,10 @@ def _release_callback():
         detached cleaner then frees the workers' placement group through the State API, which needs the
         dashboard and a single Ray per host. Without it the next trial's workers would wait forever for CPUs.
         At the start of every run (a resumed one included), groups of trials interrupted earlier are released too.
+        A trial reports between its trainers (pipelines/sweep_trial.py) and Tune's reporting is synchronous, so
+        an ASHA stop finds no trainer running; the group a trial reports is that of its latest trainer, and one
+        started after that report (an interruption mid-epoch) is known to no one: it is freed when the driver
+        exits, or by Train's cleaner where the dashboard runs.
         """
 
         def setup(self, **info):
