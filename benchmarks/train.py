@@ -30,17 +30,14 @@ def plain_loop(cfg) -> tuple[int, float]:
         TripletDataset,
         build_loss,
         sample_triplets,
-        select_training_rows,
         train_step,
     )
-    from personalization.schema import read_image_table
     from pipelines.common import stage_dir
-    from pipelines.train import _synthetic_table, build_lora_encoder, resolve_negatives, stage_inputs
+    from pipelines.train import build_lora_encoder, instance_rows, resolve_negatives, stage_inputs
 
     instances = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
     cfg = resolve_negatives(cfg, instances, [INSTANCE])
-    images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
-    rows = select_training_rows(images, _synthetic_table(cfg, stage_inputs(cfg)), INSTANCE, cfg.train, instances)
+    rows = instance_rows(cfg, INSTANCE, instances, stage_inputs(cfg))
     t = cfg.train
     triplets = sample_triplets(
         rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=t.num_triplets,

@@ -2,8 +2,10 @@
 
 Reads OUT/ingest (instances.json, images.parquet for the filter) and OUT/dreambooth/<instance>/ (diffusers or LoRA
 folders). Commits:
-- OUT/generate/positives/: image-table shards, role=positive, source=dreambooth|masked_dreambooth, scored by the
-  DreamSim filter when ``filter.enabled`` (the threshold is applied at read time);
+- OUT/generate/positives/<instance>/: image-table shards, role=positive, source=dreambooth|masked_dreambooth,
+  scored by the DreamSim filter when ``filter.enabled``. Every scored row is kept: ``filter.threshold`` is applied
+  when train reads them (personalization/contrastive/data.py: read_positives, the one rule); here it only decides
+  when an instance has enough accepted images to stop;
 - OUT/generate/negatives/<category>/: role=negative, source=pretrained, instance_id ``<category>_negatives``,
   made once per category and shared by all its instances (each with its own manifest).
 Ray Data: rows -> ImageSampler actor pool -> (Scorer actor pool) -> Parquet. With the filter on, each instance gets

@@ -1,8 +1,13 @@
 """`personalize train`: contrastive LoRA fine-tuning of the encoder, one Ray Train run per instance.
 
-For each selected instance the driver picks the training images and samples the triplets (failing early on
-empty pools), writes them beside the run, and fits a ``TorchTrainer`` (several side by side, and a failing
-instance kept to itself: pipelines.instances) whose workers run
+For each selected instance the driver picks the training images and samples the triplets from their ids alone
+(failing early on empty pools, before any training); then, one instance at a time, it reads the rows its
+triplets use (the instance's own, filtered and projected inside the Parquet reads: :func:`instance_rows`), writes
+them beside the run, and fits a ``TorchTrainer`` (several side by side, and a failing instance kept to itself:
+pipelines.instances), so the driver's memory follows the instances in flight, not the dataset. Generated
+positives come from ``OUT/filter/<instance>`` when ``personalize filter`` rescored the generated positives this
+instance has now, else from ``OUT/generate/positives/<instance>`` (:func:`positives_paths`); ``filter.threshold``
+applies when they are read (personalization.contrastive.data.read_positives). The workers run
 :func:`train_loop_per_worker`: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU) or a DeepSpeed
 ZeRO-1/2 engine. The committed ``OUT/train/<instance>/`` holds the peft adapter, ``metrics.json`` and the
 resolved config.
@@ -22,16 +27,14 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from personalization.artifacts import commit_stage, hash_config, input_hash, is_current
+from personalization.artifacts import commit_stage, hash_config, input_hash, is_current, read_manifest
 from personalization.config import ExperimentConfig, build_config, replace, to_dict
 from personalization.contrastive import (
     DeepSpeedStepper,
@@ -39,13 +42,18 @@ from personalization.contrastive import (
     TripletDataset,
     build_loss,
     sample_triplets,
-    select_training_rows,
     train_step,
+)
+from personalization.contrastive.data import (
+    ID_COLUMNS,
+    TrainingRows,
+    TrainingSources,
+    read_training_rows,
+    val_negative_instances,
 )
 from personalization.contrastive.negatives import choose_negatives
 from personalization.datasets import DatasetError, detect_layout
 from personalization.datasets.layouts import info_file
-from personalization.schema import IMAGE_SCHEMA, read_image_table
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, without_failed, worker_resources
@@ -114,13 +122,15 @@ def resolve_negatives(
 
 
 def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
-    """The upstream folders this config reads (only those it needs and that exist)."""
+    """The upstream folders this config reads (only those it needs and that exist). ``filter`` is there when
+    ``personalize filter`` has run, so rescoring retrains (:func:`positives_paths` says which rows are used)."""
     inputs = {"ingest": stage_dir(cfg, "ingest")}
     sources = set(cfg.train.positive_sources)
     if "cutpaste" in sources or cfg.train.negatives == "val":
         inputs["cutpaste"] = stage_dir(cfg, "cutpaste")
     if sources & {"dreambooth", "masked_dreambooth"} or cfg.train.negatives == "generated":
         inputs["generate"] = stage_dir(cfg, "generate")
+        inputs["filter"] = stage_dir(cfg, "filter")
     if cfg.train.negatives == "folder":
         inputs["negatives"] = Path(cfg.train.negatives_dir)
     required = {"ingest"} | ({"cutpaste"} & sources) | ({"generate"} if "generate" in inputs else set())
@@ -132,17 +142,71 @@ def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
     return {name: path for name, path in inputs.items() if path.exists()}
 
 
-def _synthetic_table(cfg: ExperimentConfig, inputs: dict[str, Path]) -> pa.Table:
-    """Cut-and-paste and generated rows in one table (empty when neither stage ran)."""
-    tables = []
-    if "cutpaste" in inputs:
-        tables.append(read_image_table(inputs["cutpaste"]))
-    if "generate" in inputs:
-        # The filter threshold applies on read, so sweeping it never regenerates anything.
-        tables.append(
-            read_image_table(inputs["generate"], min_score=cfg.filter.threshold if cfg.filter.enabled else None)
-        )
-    return pa.concat_tables(tables) if tables else IMAGE_SCHEMA.empty_table()
+def _unit_paths(root: Path, units: Sequence[str]) -> list[Path]:
+    """The committed folders of ``units`` under a per-unit stage folder (``OUT/cutpaste/<instance>/``), or
+    ``root`` itself when it holds one flat table (an older layout; the reads still filter by instance)."""
+    if not root.exists():
+        return []
+    if root.is_file() or any(root.glob("*.parquet")):
+        return [root]
+    return [root / unit for unit in units if (root / unit).is_dir()]
+
+
+def positives_paths(cfg: ExperimentConfig, instance_id: str) -> list[Path]:
+    """Where ``instance_id``'s generated positives are read: ``OUT/filter/<instance>`` when `personalize filter`
+    scored exactly the positives ``OUT/generate/positives/<instance>`` holds now (its manifest's ``generate``
+    input hash is theirs), else the generated ones (a stale rescoring is named in the log)."""
+    generated = stage_dir(cfg, "generate", "positives")
+    rescored = stage_dir(cfg, "filter", instance_id)
+    scored_from = (read_manifest(rescored) or {}).get("inputs", {}).get("generate")
+    if scored_from is not None and (generated / instance_id).is_dir():
+        if scored_from == input_hash(generated / instance_id):
+            return [rescored]
+        log.warning(
+            "train %s: %s scored other generated images than %s holds now; training on the generated ones "
+            "(run `personalize filter` again to rescore them)", instance_id, rescored, generated / instance_id,
+        )  # fmt: skip
+    return _unit_paths(generated, [instance_id])
+
+
+def training_sources(cfg: ExperimentConfig, instance_id: str, instances: dict[str, dict], inputs) -> TrainingSources:
+    """The tables ``instance_id`` trains from: its own units (and its category's) only."""
+    category = instances[instance_id]["category"]
+    val = val_negative_instances(instances, instance_id) if cfg.train.negatives == "val" else []
+    generated = inputs.get("generate")
+    return TrainingSources(
+        real=stage_dir(cfg, "ingest", "images.parquet"),
+        cutpaste=_unit_paths(inputs["cutpaste"], [instance_id, *val]) if "cutpaste" in inputs else [],
+        positives=positives_paths(cfg, instance_id) if generated else [],
+        negatives=_unit_paths(generated / "negatives", [category]) if generated else [],
+        threshold=cfg.filter.threshold,
+    )
+
+
+def instance_rows(
+    cfg: ExperimentConfig,
+    instance_id: str,
+    instances: dict[str, dict],
+    inputs: dict[str, Path],
+    *,
+    columns: Sequence[str] | None = None,
+    image_ids: Collection[str] | None = None,
+) -> TrainingRows:
+    """The rows ``instance_id`` trains on, read from its own units with filters and projection pushed into
+    Parquet (:func:`personalization.contrastive.data.read_training_rows`): ``columns=ID_COLUMNS`` to plan, then
+    ``image_ids`` = the triplets' ids for the run (what ``rows.parquet`` holds)."""
+    sources = training_sources(cfg, instance_id, instances, inputs)
+    return read_training_rows(sources, instance_id, cfg.train, instances, columns=columns, image_ids=image_ids)
+
+
+def plan_triplets(cfg: ExperimentConfig, instance_id: str, instances: dict[str, dict], inputs) -> list[tuple]:
+    """``instance_id``'s triplets, sampled from the ids of its rows (no image is read)."""
+    rows = instance_rows(cfg, instance_id, instances, inputs, columns=ID_COLUMNS)
+    return sample_triplets(
+        rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
+        num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
+        num_pairs=cfg.train.num_pairs, seed=cfg.seed, instance_id=instance_id,
+    )  # fmt: skip
 
 
 def run_name(cfg: ExperimentConfig, instance_id: str, inputs: dict[str, Path]) -> str:
@@ -169,31 +233,22 @@ def run(
     cfg = resolve_negatives(cfg, instances)
     log.info("train: negatives: %s (contrastive/negatives.py says how auto picks)", cfg.train.negatives)
     inputs = stage_inputs(cfg)
-    images = read_image_table(stage_dir(cfg, "ingest", "images.parquet"), role="real_train")
-    synthetic = _synthetic_table(cfg, inputs)
     config = {"model": cfg.model, "train": cfg.train, "seed": cfg.seed, "filter": cfg.filter.threshold}
     chosen = without_failed(cfg, STAGE, common.select_instances(cfg, instances))
-    todo = {}
-    for instance_id in chosen:
-        if is_current(stage_dir(cfg, STAGE, instance_id), STAGE, {**config, "instance": instance_id}, inputs):
-            continue
-        # Sample every instance before any training starts, so an empty pool fails before any Ray work.
-        rows = select_training_rows(images, synthetic, instance_id, cfg.train, instances)
-        triplets = sample_triplets(
-            rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
-            num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
-            num_pairs=cfg.train.num_pairs, seed=cfg.seed, instance_id=instance_id,
-        )  # fmt: skip
-        todo[instance_id] = (rows.table, triplets)
+    # Sample every instance (ids only) before any training starts, so an empty pool fails before any Ray work.
+    todo = {
+        instance_id: plan_triplets(cfg, instance_id, instances, inputs)
+        for instance_id in chosen
+        if not is_current(stage_dir(cfg, STAGE, instance_id), STAGE, {**config, "instance": instance_id}, inputs)
+    }
 
     def fit(instance_id: str) -> None:
-        table, triplets = todo[instance_id]
         commit_stage(
             stage_dir(cfg, STAGE, instance_id),
             STAGE,
             {**config, "instance": instance_id},
             lambda tmp: fit_instance(
-                cfg, instance_id, table, triplets, inputs, tmp, build_model, callbacks=callbacks,
+                cfg, instance_id, instances, todo[instance_id], inputs, tmp, build_model, callbacks=callbacks,
                 report_extra=report_extra,
             ),
             inputs=inputs,
@@ -210,9 +265,10 @@ def run(
 
 
 def fit_instance(
-    cfg, instance_id, table, triplets, inputs, out_dir: Path, build_model=None, callbacks=(), report_extra=None
+    cfg, instance_id, instances, triplets, inputs, out_dir: Path, build_model=None, callbacks=(), report_extra=None
 ) -> int:
-    """Fit one instance with Ray Train and write the adapter and ``metrics.json`` into ``out_dir``."""
+    """Fit one instance with Ray Train and write the adapter and ``metrics.json`` into ``out_dir``. The rows its
+    triplets use are read here, for this instance only, and handed to the workers as ``rows.parquet``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -221,7 +277,7 @@ def fit_instance(
     data_dir = storage / f"{name}.inputs"
     data_dir.mkdir(parents=True, exist_ok=True)
     used = {image_id for triplet in triplets for image_id in triplet}
-    pq.write_table(table.filter(_isin(table, used)), data_dir / "rows.parquet")
+    pq.write_table(instance_rows(cfg, instance_id, instances, inputs, image_ids=used).table, data_dir / "rows.parquet")
     (data_dir / "triplets.json").write_text(json.dumps(triplets))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -257,10 +313,6 @@ def fit_instance(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("train %s: %d steps, final loss %.4f", instance_id, state["steps"], state["loss"][-1])
     return len(triplets)
-
-
-def _isin(table: pa.Table, ids: set[str]) -> pa.Array:
-    return pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,11 +12,16 @@ Roles for instance X (category C), chosen by :func:`select_training_rows`:
     ``train.negatives_dir`` itself (the released PODS negatives use the first layout).
   - ``generated``: rows of role ``negative`` and category C from the generate stage (the pretrained generator).
   - ``stock``: generic real photos shipped with scikit-image (contrastive/negatives.py), for a lone folder.
+
+:func:`read_training_rows` reads only what one instance can use, with the instance / category filters and the
+column projection pushed into the Parquet reads (a planning pass reads ids only, the run reads the bytes of the
+images its triplets use), so memory follows one instance, never the whole dataset. :func:`read_positives` is the
+one place ``filter.threshold`` applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +32,18 @@ from PIL import Image
 
 from personalization.contrastive.negatives import load_stock_negatives
 from personalization.errors import MissingInputError, UserError
-from personalization.schema import IMAGE_SCHEMA, decode_image, make_image_id, make_row, rows_to_table
+from personalization.schema import (
+    IMAGE_SCHEMA,
+    decode_image,
+    make_image_id,
+    make_row,
+    read_image_table,
+    rows_to_table,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What choosing rows and sampling triplets needs: no image bytes.
+ID_COLUMNS = ("image_id", "instance_id", "category", "role", "source")
 
 
 @dataclass(frozen=True)
@@ -55,11 +69,14 @@ def _ids(table: pa.Table) -> list[str]:
     return sorted(set(table["image_id"].to_pylist()))
 
 
-def load_negatives_folder(negatives_dir: str | Path, category: str) -> pa.Table:
+def load_negatives_folder(
+    negatives_dir: str | Path, category: str, image_ids: Collection[str] | None = None
+) -> pa.Table:
     """Image rows (role ``negative``, source ``pretrained``) for every image file in the negatives folder.
 
     Reads ``<negatives_dir>/<category>_negatives/`` when it exists, else ``negatives_dir`` itself. The file's
     bytes are kept as they are (PNG or JPEG; :func:`~personalization.schema.decode_image` reads both).
+    ``image_ids``: only the files with these ids are read (an id is made from the category and the file name).
     """
     root = Path(negatives_dir)
     folder = root / f"{category}_negatives"
@@ -68,6 +85,8 @@ def load_negatives_folder(negatives_dir: str | Path, category: str) -> pa.Table:
         raise MissingInputError(f"train.negatives_dir: {root} is not a folder of negative images")
     rows = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if image_ids is not None and make_image_id("negatives_folder", category, path.name) not in image_ids:
+            continue
         with Image.open(path) as image:
             size = image.size  # reads the header only
         rows.append(
@@ -84,12 +103,90 @@ def load_negatives_folder(negatives_dir: str | Path, category: str) -> pa.Table:
     return rows_to_table(rows) if rows else IMAGE_SCHEMA.empty_table()
 
 
+@dataclass(frozen=True)
+class TrainingSources:
+    """The image tables one instance's rows are read from (files or folders; empty = that stage did not run).
+
+    Each is read filtered to what the instance needs, so a folder may hold other instances' rows too.
+    """
+
+    real: Path | str  # the ingest table: real_train photos (anchors; val negatives)
+    cutpaste: Sequence[Path | str] = ()  # cut-and-paste composites
+    positives: Sequence[Path | str] = ()  # generated positives: rescored by `personalize filter`, or as generated
+    negatives: Sequence[Path | str] = ()  # generated negatives of the instance's category
+    threshold: float | None = None  # filter.threshold, applied by read_positives
+
+
+def read_positives(
+    paths: Sequence[Path | str],
+    instance_id: str,
+    threshold: float | None,
+    *,
+    columns: Sequence[str] | None = None,
+    image_ids: Collection[str] | None = None,
+) -> pa.Table:
+    """An instance's generated positives as training uses them: the one place ``filter.threshold`` applies.
+
+    The rule: a row whose ``score`` is below ``threshold`` is dropped; a row without a score is kept (it was never
+    scored: generated with ``filter.enabled=false`` and not rescored by ``personalize filter``). Every scored row
+    stays on disk, so changing the threshold retrains without regenerating (a sweep over it costs nothing).
+    ``generate`` also compares scores with the threshold, only to know when an instance has enough accepted
+    images to stop sampling. ``threshold=None`` keeps every row.
+    """
+    only = {"image_id": sorted(image_ids)} if image_ids is not None else {}
+    return read_image_table(paths, columns=columns, min_score=threshold, instance_id=instance_id, **only)
+
+
+def val_negative_instances(instances: Mapping[str, Mapping[str, str]], instance_id: str) -> list[str]:
+    """The val instances of ``instance_id``'s category other than itself (``train.negatives=val``)."""
+    category = instances[instance_id]["category"]
+    return sorted(
+        k for k, v in instances.items() if v["split"] == "val" and v["category"] == category and k != instance_id
+    )
+
+
+def read_training_rows(
+    sources: TrainingSources,
+    instance_id: str,
+    train_cfg,
+    instances: Mapping[str, Mapping[str, str]],
+    *,
+    columns: Sequence[str] | None = None,
+    image_ids: Collection[str] | None = None,
+) -> TrainingRows:
+    """:func:`select_training_rows` over only the rows ``instance_id`` can use, read with the filters (instance,
+    its category's val instances or negatives, ``image_ids``) and the projection (``columns``, e.g.
+    :data:`ID_COLUMNS`) pushed into the Parquet reads: other instances' rows are never loaded.
+
+    ``image_ids``: read only these rows (e.g. the ids a run's triplets use); the table and pools then hold only
+    them. ``columns``: the table's columns (all by default).
+    """
+    if instance_id not in instances:
+        raise KeyError(f"instance {instance_id!r} is not in instances.json; known: {sorted(instances)[:10]}")
+    sources_used = set(train_cfg.positive_sources)
+    val = val_negative_instances(instances, instance_id) if train_cfg.negatives == "val" else []
+    only = {"image_id": sorted(image_ids)} if image_ids is not None else {}
+    images = read_image_table(sources.real, columns=columns, role="real_train", instance_id=[instance_id, *val], **only)
+    composited = ([instance_id] if "cutpaste" in sources_used else []) + val
+    parts = [read_image_table(sources.cutpaste, columns=columns, instance_id=composited, **only)] if composited else []
+    if sources_used & {"dreambooth", "masked_dreambooth"}:
+        parts.append(read_positives(sources.positives, instance_id, sources.threshold, columns=columns,
+                                    image_ids=image_ids))  # fmt: skip
+    if train_cfg.negatives == "generated":
+        category = instances[instance_id]["category"]
+        parts.append(read_image_table(sources.negatives, columns=columns, category=category, role="negative", **only))
+    synthetic = pa.concat_tables(parts) if parts else images.schema.empty_table()
+    return select_training_rows(images, synthetic, instance_id, train_cfg, instances, image_ids=image_ids)
+
+
 def select_training_rows(
     images: pa.Table,
     synthetic: pa.Table,
     instance_id: str,
     train_cfg,
     instances: Mapping[str, Mapping[str, str]],
+    *,
+    image_ids: Collection[str] | None = None,
 ) -> TrainingRows:
     """Pick anchors, positives and negatives of ``instance_id`` (see the module docstring for the rules).
 
@@ -98,6 +195,9 @@ def select_training_rows(
         synthetic: cut-and-paste and generated rows (any instances; may be empty).
         train_cfg: the ``train`` config section (``positive_sources``, ``negatives``, ``negatives_dir``).
         instances: ``instances.json``: ``{instance_id: {"category": ..., "split": ...}}``.
+        image_ids: keep only these rows (negatives folders are then read only for them).
+
+    The table has the columns of ``images`` (it may be a projection, e.g. :data:`ID_COLUMNS`).
     """
     if instance_id not in instances:
         raise KeyError(f"instance {instance_id!r} is not in instances.json; known: {sorted(instances)[:10]}")
@@ -112,14 +212,13 @@ def select_training_rows(
             positive_parts.append(_where(synthetic, instance_id=instance_id, role="positive", source=source))
 
     if train_cfg.negatives == "val":
-        val_instances = sorted(k for k, v in instances.items() if v["split"] == "val" and v["category"] == category)
-        val_instances = [k for k in val_instances if k != instance_id]
+        val_instances = val_negative_instances(instances, instance_id)
         negative_parts = [
             _where(images, instance_id=val_instances, role="real_train"),
             _where(synthetic, instance_id=val_instances, role="positive", source="cutpaste"),
         ]
     elif train_cfg.negatives == "folder":
-        negative_parts = [load_negatives_folder(train_cfg.negatives_dir, category)]
+        negative_parts = [load_negatives_folder(train_cfg.negatives_dir, category, image_ids)]
     elif train_cfg.negatives == "generated":
         negative_parts = [_where(synthetic, category=category, role="negative")]
     elif train_cfg.negatives == "stock":
@@ -128,13 +227,22 @@ def select_training_rows(
         raise UserError(f"train.negatives={train_cfg.negatives!r}: use val, folder, generated or stock")
 
     schema = images.schema
-    positives = pa.concat_tables([t.cast(schema) for t in positive_parts]) if positive_parts else schema.empty_table()
-    negatives = pa.concat_tables([t.cast(schema) for t in negative_parts])
-    table = pa.concat_tables([anchors, positives.cast(schema), negatives.cast(schema)])
+    anchors, positives, negatives = (
+        _concat(parts, schema, image_ids) for parts in ([anchors], positive_parts, negative_parts)
+    )
+    table = pa.concat_tables([anchors, positives, negatives])
     # One row per id: the "real" positive source repeats the anchors.
     _, first = _unique_first(table["image_id"].to_pylist())
     table = table.take(pa.array(first, pa.int64()))
     return TrainingRows(table, _ids(anchors), _ids(positives), _ids(negatives))
+
+
+def _concat(parts: Sequence[pa.Table], schema: pa.Schema, image_ids: Collection[str] | None) -> pa.Table:
+    """The parts in ``schema``'s columns and types, restricted to ``image_ids`` when given."""
+    table = pa.concat_tables([t.select(schema.names).cast(schema) for t in parts]) if parts else schema.empty_table()
+    if image_ids is not None:
+        table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), pa.string())))
+    return table
 
 
 def _unique_first(ids: Sequence[str]) -> tuple[list[str], list[int]]:

@@ -1,9 +1,11 @@
 """`personalize train` through real Ray Train (TorchTrainer, 2 CPU workers, gloo DDP) on a tiny peft model."""
 
+import contextlib
 import json
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 import torch
@@ -98,6 +100,14 @@ def test_two_worker_ddp_trains_identical_replicas(ray_local, upstream):
     assert len(metrics["replica_hashes"]) == 2 and len(set(metrics["replica_hashes"])) == 1
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     assert (folder / "config.yaml").is_file() and (folder / "_manifest.json").is_file()
+    # The rows the driver read and handed to the workers: exactly the triplets' images, mug_1's own and those of
+    # its val negative mug_v (never shoe_v's, the other category's).
+    cfg = train.resolve_negatives(_cfg(upstream))
+    inputs = out / ".ray" / "mug_1" / f"{train.run_name(cfg, 'mug_1', train.stage_inputs(cfg))}.inputs"
+    rows = pq.read_table(inputs / "rows.parquet")
+    triplets = json.loads((inputs / "triplets.json").read_text())
+    assert sorted(rows["image_id"].to_pylist()) == sorted({i for t in triplets for i in t})
+    assert set(rows["instance_id"].to_pylist()) == {"mug_1", "mug_v"}
 
     # The saved adapter loads with stock peft onto the same base, and it moved away from its initialization.
     torch.manual_seed(123)
@@ -177,3 +187,87 @@ def test_val_negatives_are_same_category_val_instances(upstream):
     assert {by_id[i] for i in rows.anchor_ids} == {"mug_1"} and len(rows.anchor_ids) == 3
     assert {by_id[i] for i in rows.positive_ids} == {"mug_1"} and len(rows.positive_ids) == 6
     assert {by_id[i] for i in rows.negative_ids} == {"mug_v"} and len(rows.negative_ids) == 3 + 6
+
+
+def _committed(folder, rows):
+    from personalization.artifacts import commit_stage
+
+    commit_stage(folder, "test", {"unit": folder.name}, lambda tmp: write_image_table(rows, tmp / "part.parquet"))
+
+
+@pytest.fixture
+def four_mugs(tmp_path):
+    """OUT with 4 test mugs and 1 val mug, each with its own committed cutpaste and generated-positive units
+    (64 px noise, scored), and generated negatives for two categories."""
+    out = tmp_path / "out"
+    rng = np.random.default_rng(1)
+    instances = {f"mug_{k}": {"category": "mug", "split": "test"} for k in range(4)}
+    instances |= {"mug_v": {"category": "mug", "split": "val"}}
+    real = []
+    for instance, info in instances.items():
+        common = dict(instance_id=instance, category="mug", instance_split=info["split"])
+        noise = lambda: _to_pil(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))  # noqa: E731
+        real += [make_row(image_id=make_image_id("real", instance, k), role="real_train", source="real",
+                          split="train", image=noise(), **common) for k in range(2)]  # fmt: skip
+        _committed(out / "cutpaste" / instance, [make_row(image_id=make_image_id("cp", instance, k), role="positive",
+                   source="cutpaste", image=noise(), **common) for k in range(8)])  # fmt: skip
+        generated = [make_row(image_id=make_image_id("gen", instance, k), role="positive", source="dreambooth",
+                              image=noise(), score=k / 8, **common) for k in range(8)]  # fmt: skip
+        _committed(out / "generate" / "positives" / instance, generated)
+    for category in ("mug", "shoe"):
+        _committed(out / "generate" / "negatives" / category, [make_row(image_id=make_image_id("neg", category, k),
+                   instance_id=f"{category}_negatives", category=category, role="negative", source="pretrained",
+                   image=_to_pil(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))) for k in range(8)])  # fmt: skip
+    (out / "ingest").mkdir(parents=True)
+    write_image_table(real, out / "ingest" / "images.parquet")
+    (out / "ingest" / "instances.json").write_text(json.dumps(instances))
+    return out, instances
+
+
+def test_rows_are_read_per_instance_with_pushdown(four_mugs):
+    """The driver's reads for mug_k hold mug_k's positives only (and its category's negatives), and the Arrow
+    memory they take at their peak is a fraction of reading every instance's rows."""
+    from personalization.contrastive.data import ID_COLUMNS
+    from personalization.schema import read_image_table
+
+    out, instances = four_mugs
+    cfg = build_config({"output_dir": str(out), "generate": {"enabled": True, "negatives_per_category": 8},
+                        "filter": {"threshold": 0.5}, "train": {"negatives": "generated", "num_triplets": 8,
+                        "positive_sources": ["cutpaste", "dreambooth"]}})  # fmt: skip
+    inputs = train.stage_inputs(cfg)
+    with _arrow_peak() as plan_and_run:
+        for k in range(4):
+            instance = f"mug_{k}"
+            planned = train.instance_rows(cfg, instance, instances, inputs, columns=ID_COLUMNS)
+            assert planned.table.column_names == list(ID_COLUMNS)  # the plan reads no image bytes
+            by_id = dict(zip(planned.table["image_id"].to_pylist(), planned.table["instance_id"].to_pylist(),
+                             strict=True))  # fmt: skip
+            assert {by_id[i] for i in planned.positive_ids} == {instance}
+            assert {by_id[i] for i in planned.negative_ids} == {"mug_negatives"}
+            assert set(by_id.values()) == {instance, "mug_negatives"}
+            # 8 composites + the 4 generated positives scoring >= 0.5 (filter.threshold, applied on read)
+            assert len(planned.positive_ids) == 8 + 4 and len(planned.negative_ids) == 8
+            used = {planned.positive_ids[0], planned.negative_ids[0], planned.anchor_ids[0]}
+            run_rows = train.instance_rows(cfg, instance, instances, inputs, image_ids=used)
+            assert set(run_rows.table["image_id"].to_pylist()) == used
+    with _arrow_peak() as whole:  # what the driver held before: every instance's rows at once
+        read_image_table([out / "cutpaste", out / "generate", out / "ingest"])
+    assert plan_and_run() < whole() / 2
+
+
+_POOLS = []  # a proxy pool must outlive every buffer it allocated (freeing into a dead pool crashes)
+
+
+@contextlib.contextmanager
+def _arrow_peak():
+    """Arrow's peak allocation (bytes) inside the block, through a proxy of the default memory pool."""
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)
+    _POOLS.append(pool)
+    pa.set_memory_pool(pool)
+    try:
+        yield pool.max_memory
+    finally:
+        pa.set_memory_pool(previous)
