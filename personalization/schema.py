@@ -162,12 +162,17 @@ def rows_to_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=IMAGE_SCHEMA)
 
 
+# Rows per Parquet row group in every image table: a streaming reader holds one group of a column at a time
+# (64 dense 896 px PNGs are about 64 MB), so this bounds the memory of whoever reads images in batches.
+ROW_GROUP_ROWS = 64
+
+
 def write_image_table(rows: Sequence[dict] | pa.Table, path: str | Path) -> int:
-    """Write rows (or a table) as one zstd Parquet file; returns the row count."""
+    """Write rows (or a table) as one zstd Parquet file of ``ROW_GROUP_ROWS``-row groups; returns the row count."""
     table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
     table = validate_table(table, where=str(path))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return table.num_rows
 
 

@@ -33,6 +33,7 @@ from personalization.datasets.automask import BOXES_FILE, load_boxes, segment_ob
 from personalization.datasets.layouts import ImageEntry
 from personalization.schema import (
     IMAGE_SCHEMA,
+    ROW_GROUP_ROWS,
     decode_image,
     encode_mask,
     make_image_id,
@@ -42,7 +43,7 @@ from personalization.schema import (
 from pipelines.common import log, resolved, stage_dir, stage_main
 
 STAGE = "ingest"
-BATCH_ROWS = 128  # rows per Parquet row group: bounds memory on large datasets
+BATCH_ROWS = ROW_GROUP_ROWS  # rows per Parquet row group: bounds memory on large datasets
 
 
 def ingest_config(cfg: ExperimentConfig) -> dict:

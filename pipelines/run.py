@@ -103,7 +103,7 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     skipped = metrics.get("skipped", {})
     summary = {
         "instances": sorted({*metrics["per_instance"], *skipped}),
-        "failed": read_failures(cfg, per_instance_before(cfg, "evaluate")),
+        "failed": read_failures(cfg, per_instance_before(cfg, "report")),
         "backbone": cfg.model.backbone,
         "negatives": _negatives_used(cfg),
         "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},

@@ -58,7 +58,7 @@ STAGES: tuple[Stage, ...] = (
         in_run=lambda cfg: cfg.cutpaste.enabled,
     ),
     Stage("train", "train", "LoRA InfoNCE fine-tuning of the vision encoder (Ray Train)", per_instance=True),
-    Stage("evaluate", "evaluate", "pretrained vs personalized encoder on the four tasks"),
+    Stage("evaluate", "evaluate", "pretrained vs personalized encoder on the four tasks", per_instance=True),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 ORDER = tuple(stage.name for stage in STAGES)

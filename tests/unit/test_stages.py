@@ -25,10 +25,10 @@ def test_run_plan_follows_the_config():
     names = [s.name for s in run_plan(generation)]
     assert names == ["ingest", "dreambooth", "generate", "cutpaste", "train", "evaluate"]  # never `filter`
     assert [name for name, _ in run.plan(generation)] == names
-    assert PER_INSTANCE == ("dreambooth", "train")
+    assert PER_INSTANCE == ("dreambooth", "train", "evaluate")
     assert per_instance_before(plain, "evaluate") == ["train"]  # dreambooth off: its failures are not read
     assert per_instance_before(generation, "train") == ["dreambooth"]
-    assert per_instance_before(generation, "report") == ["dreambooth", "train"]
+    assert per_instance_before(generation, "report") == ["dreambooth", "train", "evaluate"]  # summary's "failed"
 
 
 def test_unknown_command_lists_the_table(capsys):
