@@ -126,6 +126,7 @@ def _photo_rows(instances, role, source, count, seed):
 def test_scorer_actor_killed_mid_filter(ray_local, tmp_path, monkeypatch):
     """The DreamSim Scorer actor (tiny offline cache, real dreamsim package) dies at its 2nd batch of `filter`:
     every generated row is scored exactly once, with the score an unkilled run gives it."""
+    from personalization.artifacts import commit_stage
     from personalization.schema import write_image_table
     from personalization.zoo.dreamsim import build_dreamsim_cache
     from pipelines import filter as filter_stage
@@ -135,9 +136,14 @@ def test_scorer_actor_killed_mid_filter(ray_local, tmp_path, monkeypatch):
 
     def workspace(out):
         write_image_table(_photo_rows(instances, "real_train", "real", 2, 0), out / "ingest" / "images.parquet")
-        write_image_table(
-            _photo_rows(instances, "positive", "dreambooth", 4, 1), out / "generate" / "positives" / "part.parquet"
+        (out / "ingest" / "instances.json").write_text(
+            json.dumps(dict.fromkeys(instances, {"category": "mug", "split": "test"}))
         )
+        positives = _photo_rows(instances, "positive", "dreambooth", 4, 1)
+        for i in instances:  # generate commits each instance's positives as its own unit
+            rows = [r for r in positives if r["instance_id"] == i]
+            write = lambda tmp, rows=rows: write_image_table(rows, tmp / "part.parquet")  # noqa: E731
+            commit_stage(out / "generate" / "positives" / i, "generate/positives", {"instance": i}, write)
         filter_cfg = {"cache_dir": str(cache), "dreamsim_type": "clip_vitb32", "masker": "none", "batch_size": 2}
         return build_config({"output_dir": str(out), "filter": filter_cfg})
 
@@ -150,7 +156,7 @@ def test_scorer_actor_killed_mid_filter(ray_local, tmp_path, monkeypatch):
 
     table, reference = read_image_table(killed), read_image_table(clean)
     ids = table["image_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 8 == read_manifest(killed)["rows"]
+    assert len(ids) == len(set(ids)) == 8 == sum(read_manifest(killed / i)["rows"] for i in instances)
     _assert_complete(table, instances, 4)
     assert table["score"].null_count == 0
     scores = dict(zip(ids, table["score"].to_pylist(), strict=True))
