@@ -75,3 +75,26 @@ def test_train_uses_rescored_positives_and_the_threshold(ray_local, tmp_path):
     strict = replace(cfg, **{"filter.threshold": threshold})
     train.run(strict)
     assert _used_positives(strict) == {i for i, s in scores.items() if s >= threshold}
+
+
+def test_a_stale_rescoring_is_not_used(tmp_path):
+    """OUT/filter/<instance> is read only while its manifest's generate input is the positives generate holds now."""
+    from personalization.artifacts import commit_stage
+    from personalization.schema import make_row, write_image_table
+
+    out = tmp_path / "out"
+    cfg = build_config({"output_dir": str(out)})
+    write_ingest(out, {"mug_1": "mug"})
+    generated, rescored = out / "generate" / "positives" / "mug_1", out / "filter" / "mug_1"
+
+    def positives(version, score):
+        rows = [make_row(image_id=f"g{version}", instance_id="mug_1", category="mug", role="positive",
+                         source="dreambooth", image=b"", size=(1, 1), score=score)]  # fmt: skip
+        return lambda tmp: write_image_table(rows, tmp / "part.parquet")
+
+    commit_stage(generated, "generate/positives", {"v": 1}, positives(1, None))
+    assert train.positives_paths(cfg, "mug_1") == [generated]  # never rescored
+    commit_stage(rescored, "filter", {}, positives(1, 0.9), inputs={"generate": generated})
+    assert train.positives_paths(cfg, "mug_1") == [rescored]
+    commit_stage(generated, "generate/positives", {"v": 2}, positives(2, None))  # generated again
+    assert train.positives_paths(cfg, "mug_1") == [generated]
