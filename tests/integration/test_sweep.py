@@ -115,14 +115,15 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
     assert len(rows) == 4 and sorted(float(r["generate.cfg"]) for r in rows) == [4.0, 4.0, 7.5, 7.5]
     caches = sorted((out / "shared" / "generate-cache").iterdir())
     assert len(caches) == 2
+    probes = json.loads((out / "sweep.json").read_text())["probes"]
     generated = {}
     for cache in caches:
         positives = cache / "generate" / "positives"
         table = read_image_table(positives)
-        (instance,) = set(table["instance_id"].to_pylist())
-        assert read_manifest(positives / instance)["rows"] == table.num_rows == 2  # one generator call per image
+        assert sorted(set(table["instance_id"].to_pylist())) == probes  # only the probes are generated for
+        assert [read_manifest(positives / p)["rows"] for p in probes] == [2, 2]  # one generator call per image
         (value,) = set(table["cfg"].to_pylist())
-        generated[value] = read_manifest(positives / instance)["created"]
+        generated[value] = [read_manifest(positives / p)["created"] for p in probes]
     assert sorted(generated) == [4.0, 7.5]
     # Each trial read the cache of its own value.
     for row in rows:
