@@ -173,9 +173,9 @@ def with_threads(threads: int, fn):
         torch.set_num_threads(before)
 
 
-def measure(objects: int = 2, size: int = 224, triplets: int = 0, composites: int = 0, floor_steps: int = 2) -> Result:
-    """``triplets`` / ``composites`` 0 = the demo's; ``size`` is the toy's photo side and the model's input side
-    (dense maps at twice it, as in the demo).
+def measure(objects: int = 2, size: int = 0, triplets: int = 0, composites: int = 0, floor_steps: int = 2) -> Result:
+    """``size`` / ``triplets`` / ``composites`` 0 = the demo's (toy photos of 224 px, `make demo`'s); a ``size``
+    sets the toy's photo side, the model's input and composites' side, and dense maps at twice it.
 
     The floor of train and evaluate is the better of two ways to use the cores, both timed here: one process
     with torch on every core, or one thread per core with the independent work (objects, encoders) spread over
@@ -185,9 +185,14 @@ def measure(objects: int = 2, size: int = 224, triplets: int = 0, composites: in
     from personalization.config import load_config
 
     work = scratch("e2e")
-    root, out = make_dataset(work, objects, size), work / "run"
-    overrides = [f"data.root={root}", f"output_dir={out}", f"model.image_size={size}", f"cutpaste.image_size={size}",
-                 f"evaluate.dense_image_size={2 * size}"]  # fmt: skip
+    root, out = make_dataset(work, objects, size or 224), work / "run"
+    overrides = [f"data.root={root}", f"output_dir={out}"]
+    if size:
+        overrides += [
+            f"model.image_size={size}",
+            f"cutpaste.image_size={size}",
+            f"evaluate.dense_image_size={2 * size}",
+        ]
     overrides += [f"train.num_triplets={triplets}"] if triplets else []
     overrides += [f"cutpaste.images_per_instance={composites}"] if composites else []
     wall, lines = run_demo(overrides, work / "run.log")
