@@ -5,6 +5,8 @@ folder under ``output_dir`` (``OUT/train/<instance>``, ``OUT/generate/negatives/
 replaces whatever folder it commits to, a name such as ``../../data`` or ``/home`` would make it delete a folder
 outside the run. So names are checked twice: at ingest (:func:`check_name`, with the file and key in the error)
 and at the one place that builds stage paths (:func:`inside`), so that no later code can escape ``output_dir``.
+
+Also the one test of whether a model reference is a local path or a hub id (:func:`looks_local`).
 """
 
 from __future__ import annotations
@@ -70,3 +72,9 @@ def inside(root: str | Path, *parts: str) -> Path:
                 f"({NAME_RULE}); check the dataset's instance ids and categories"
             )
     return Path(root).joinpath(*map(str, parts))
+
+
+def looks_local(reference: str | Path) -> bool:
+    """Whether a model reference names a local path (it exists, or starts with '/', '.' or '~') rather than a
+    hub id such as ``facebook/dinov2-base``: a local one that is not what it should be is an error to report."""
+    return str(reference).startswith(("/", ".", "~")) or Path(reference).expanduser().exists()

@@ -28,6 +28,7 @@ from torch import nn
 
 from personalization.config import ConfigError
 from personalization.errors import MissingInputError, UserError
+from personalization.paths import looks_local
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,7 +152,7 @@ def _load_transformers(spec: BackboneSpec, weights: str) -> nn.Module:
                 f"model.weights={weights}: the folder has no config.json; save the model there "
                 "with `save_pretrained` (or `huggingface-cli download ID --local-dir DIR`)"
             )
-    elif weights.startswith(("/", ".", "~")) or local.exists():
+    elif looks_local(weights):
         raise MissingInputError(
             f"model.weights={weights} is not a folder; put a saved {spec.family} model "
             f"(config.json + weights) there, or set model.weights=DIR / an HF id"

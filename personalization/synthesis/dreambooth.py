@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from personalization.errors import UserError
+from personalization.paths import looks_local
 from personalization.synthesis.prompts import TOKEN
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ def class_prompt(category: str) -> str:
 def check_generator_dir(path: str | Path) -> Path:
     """A local diffusers folder must hold ``model_index.json``; HF ids are left to ``from_pretrained``."""
     path = Path(path)
-    looks_local = path.exists() or str(path).startswith((".", "/", "~"))
-    if looks_local and not (path / "model_index.json").is_file():
+    if looks_local(path) and not (path / "model_index.json").is_file():
         raise DreamboothError(
             f"{path} is not a diffusers pipeline folder (no model_index.json); point it at a folder saved by "
             "StableDiffusionPipeline.save_pretrained or an HF id such as stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,24 +32,6 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
 }
-OUTPUT_COLUMNS = (
-    "image_id",
-    "instance_id",
-    "category",
-    "role",
-    "source",
-    "split",
-    "instance_split",
-    "prompt",
-    "seed",
-    "cfg",
-    "generator",
-    "image",
-    "mask",
-    "width",
-    "height",
-    "score",
-)
 
 
 class SamplerError(UserError):
@@ -263,8 +244,3 @@ class ImageSampler:
             "score": np.array([None] * n, dtype=object),  # null = not filtered (a scorer fills it)
         }
         return out
-
-
-def rounds_needed(n: int, n_prompts: int) -> int:
-    """Images per prompt for ``n`` images over ``n_prompts`` prompts: ``ceil(n / n_prompts)``."""
-    return math.ceil(n / max(n_prompts, 1))
