@@ -8,9 +8,10 @@ pipelines.instances), so the driver's memory follows the instances in flight, no
 positives come from ``OUT/filter/<instance>`` when ``personalize filter`` rescored the generated positives this
 instance has now, else from ``OUT/generate/positives/<instance>`` (:func:`positives_paths`); ``filter.threshold``
 applies when they are read (personalization.contrastive.data.read_positives). The workers run
-:func:`train_loop_per_worker`: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU) or a DeepSpeed
-ZeRO-1/2 engine. The committed ``OUT/train/<instance>/`` holds the peft adapter, ``metrics.json`` and the
-resolved config.
+:func:`train_loop_per_worker`, a short adapter that runs the library's plain loop
+(:func:`personalization.contrastive.fit.fit`) with Ray Train's rank, device, checkpoints and reports as its hooks:
+DDP through ``ray.train.torch.prepare_model`` (gloo on CPU) or a DeepSpeed ZeRO-1/2 engine. The committed
+``OUT/train/<instance>/`` holds the peft adapter, ``metrics.json`` and the resolved config.
 
 Resume: every checkpoint holds the trainable weights, the optimizer state, the step and the loss history.
 A worker restarted by ``FailureConfig`` gets it back from ``ray.train.get_checkpoint()``. Across driver
@@ -21,14 +22,11 @@ of everything that shapes the run except its length (``train.epochs``, ``checkpo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -36,14 +34,7 @@ import torch
 
 from personalization.artifacts import commit_stage, hash_config, input_hash, is_current, read_manifest
 from personalization.config import ExperimentConfig, build_config, replace, to_dict
-from personalization.contrastive import (
-    DeepSpeedStepper,
-    TorchStepper,
-    TripletDataset,
-    build_loss,
-    sample_triplets,
-    train_step,
-)
+from personalization.contrastive import TripletDataset, sample_triplets
 from personalization.contrastive.data import (
     ID_COLUMNS,
     TrainingRows,
@@ -51,6 +42,7 @@ from personalization.contrastive.data import (
     read_training_rows,
     val_negative_instances,
 )
+from personalization.contrastive.fit import Report, TrainableModel, build_lora_encoder, fit
 from personalization.contrastive.negatives import choose_negatives
 from personalization.datasets import DatasetError, detect_layout
 from personalization.datasets.layouts import info_file
@@ -64,23 +56,6 @@ log = logging.getLogger("personalize.train")
 STAGE = "train"
 # Settings that only change how long a run goes or how it survives failures: a change keeps the run (and resumes).
 _LENGTH_KEYS = ("epochs", "checkpoint_every", "max_failures", "use_gpu")
-
-
-@dataclass
-class TrainableModel:
-    """What a worker trains: ``model(pixels) -> (B, D)`` unit features, the image transform, and how to save."""
-
-    model: torch.nn.Module
-    transform: Callable
-    save: Callable[[torch.nn.Module, Path], None]
-
-
-def build_lora_encoder(cfg: ExperimentConfig) -> TrainableModel:
-    """The default model: the configured backbone with LoRA, saved as a peft adapter."""
-    from personalization.models import apply_lora, build_encoder, build_transform, save_adapter
-
-    encoder = apply_lora(build_encoder(cfg.model), cfg.model)
-    return TrainableModel(encoder, build_transform(cfg.model, train=cfg.train.augment), save_adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,32 +294,9 @@ def fit_instance(
 # Worker side (runs inside Ray Train workers)
 
 
-def _weights_hash(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    return int(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).hexdigest()[:8], 16)
-
-
-def _epoch_indices(dataset_len: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
-    sampler = torch.utils.data.DistributedSampler(
-        range(dataset_len), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    return list(sampler)
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: :func:`personalization.contrastive.fit.fit` on this rank's device, with Ray Train's DDP
+    wrap, the checkpoint it restores, and its reports (a checkpoint with each, and the sweep's extra metrics)."""
     import ray.train
     import ray.train.torch
 
@@ -354,111 +306,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-
     trainable = (loop_config.get("build_model") or build_lora_encoder)(cfg)
-    model = trainable.model.to(device)
     dataset = TripletDataset(
         pq.read_table(data_dir / "rows.parquet"),
         [tuple(t) for t in json.loads((data_dir / "triplets.json").read_text())],
         trainable.transform,
         max_side=2 * cfg.model.image_size,
     )
-    per_worker = max(1, cfg.train.batch_size // world)
-    steps_per_epoch = (len(dataset) // world) // per_worker
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.num_triplets={len(dataset)} is below one batch ({per_worker} x {world} workers)")
-    total_steps = steps_per_epoch * cfg.train.epochs
-    every = cfg.train.checkpoint_every or steps_per_epoch
+    report_extra, instance = loop_config.get("report_extra"), loop_config.get("instance_id", "all")
 
-    state = {"step": 0, "loss": []}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        restored_dir = Path(restored.to_directory())
-        state = json.loads((restored_dir / "state.json").read_text())
-        model.load_state_dict(torch.load(restored_dir / "trainable.pt", weights_only=True), strict=False)
-    start_step = state["step"]
+    def on_step(metrics: dict) -> None:
+        if rank == 0:  # the dashboard's Metrics view (a no-op outside Ray)
+            set_train_loss(metrics["train/loss"], instance=instance)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        params,
-        lr=cfg.train.learning_rate,
-        betas=(cfg.train.beta1, cfg.train.beta2),
-        weight_decay=cfg.train.weight_decay,
-    )
-    if cfg.train.strategy == "deepspeed":
-        import deepspeed
-
-        ds_config = {
-            "train_micro_batch_size_per_gpu": per_worker,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": cfg.train.zero_stage},
-            "zero_allow_untested_optimizer": True,
-        }
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        if restored is not None:
-            engine.load_checkpoint(str(restored_dir / "deepspeed"), load_module_strict=False)
-        forward, stepper, unwrapped = engine, DeepSpeedStepper(engine), engine.module
-    else:
-        forward = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU) when world > 1
-        if restored is not None:
-            optimizer.load_state_dict(torch.load(restored_dir / "optimizer.pt", weights_only=True))
-        stepper, unwrapped = TorchStepper(optimizer), model
-    loss_fn = build_loss(cfg.train, gather=world > 1)  # every rank's loss sees the global batch
-    model.train()
-
-    def save_and_report(metrics: dict, final: bool) -> None:
-        if rank == 0 and loop_config.get("report_extra") is not None:
-            metrics = {**metrics, **loop_config["report_extra"](unwrapped)}
-        hashes = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(hashes, _weights_hash(unwrapped))
-        else:
-            hashes = [_weights_hash(unwrapped)]
+    def on_checkpoint(report: Report) -> None:
+        metrics = report.metrics
+        if rank == 0 and report_extra is not None:
+            metrics = {**metrics, **report_extra(report.model)}
         with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            if cfg.train.strategy == "deepspeed":  # a collective: every rank writes its optimizer shard
-                engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-            if rank == 0:
-                elapsed = max(time.time() - started, 1e-9)
-                done = {**state, "start_step": start_step, "replica_hashes": hashes, "steps": state["step"]}
-                done["samples_per_s"] = (state["step"] - start_step) * per_worker * world / elapsed
-                (tmp / "state.json").write_text(json.dumps(done))
-                torch.save(_trainable_state(unwrapped), tmp / "trainable.pt")
-                if cfg.train.strategy != "deepspeed":
-                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                if final:
-                    trainable.save(unwrapped, tmp / "adapter")
+            report.write(Path(tmp))
             # Ranks with nothing to save report metrics only; Ray merges the ranks' files into one checkpoint.
-            checkpoint = ray.train.Checkpoint.from_directory(str(tmp)) if any(tmp.iterdir()) else None
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(Path(tmp).iterdir()) else None
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    started = time.time()
-    for epoch in range(start_step // steps_per_epoch, cfg.train.epochs):
-        indices = _epoch_indices(len(dataset), rank, world, cfg.seed, epoch)
-        skip = (state["step"] - epoch * steps_per_epoch) * per_worker  # resume mid-epoch without decoding skips
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, indices[skip:]),
-            batch_size=per_worker,
-            shuffle=False,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed),  # iter(loader) must not draw from the global RNG
-        )
-        batches = iter(loader)
-        while True:
-            # Augmentation and dropout draw from a stream seeded by (seed, rank, step), so a run resumed from a
-            # checkpoint takes exactly the random draws an uninterrupted run takes: the same weights either way.
-            torch.manual_seed(_step_seed(cfg.seed, rank, state["step"]))
-            batch = next(batches, None)
-            if batch is None:
-                break
-            metrics = train_step(forward, [x.to(device) for x in batch], loss_fn, stepper)
-            state["step"] += 1
-            state["loss"].append(metrics["train/loss"])
-            if rank == 0:  # the dashboard's Metrics view (a no-op outside Ray)
-                set_train_loss(metrics["train/loss"], instance=loop_config.get("instance_id", "all"))
-            if state["step"] % every == 0 and state["step"] < total_steps:
-                save_and_report({**metrics, "step": state["step"], "epoch": epoch}, final=False)
-    save_and_report({"train/loss": state["loss"][-1] if state["loss"] else float("nan"), "step": state["step"]}, True)
+    restored = ray.train.get_checkpoint()
+    fit(
+        trainable.model.to(device), dataset, cfg.train, seed=cfg.seed, device=device, rank=rank, world=world,
+        wrap=ray.train.torch.prepare_model, resume=Path(restored.to_directory()) if restored is not None else None,
+        save_model=trainable.save, on_step=on_step, on_checkpoint=on_checkpoint,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

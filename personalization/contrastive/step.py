@@ -4,12 +4,14 @@ The same function drives a bare module, a DDP-wrapped module, and a DeepSpeed en
 them is only how the loss is backpropagated and how the update is applied, so that sits behind a two-method
 :class:`Stepper` (``backward(loss)``, ``step()``): :class:`TorchStepper` for a ``torch.optim.Optimizer``,
 :class:`DeepSpeedStepper` for an engine (``engine.backward`` scales and reduces, ``engine.step`` updates and
-zeroes the gradients).
+zeroes the gradients). Each also saves and loads its optimizer's state in a checkpoint folder
+(``save_state`` / ``load_state``), since only it knows where that state lives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -36,6 +38,14 @@ class TorchStepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def save_state(self, folder: Path, rank: int) -> None:
+        """``optimizer.pt`` (rank 0's: the replicas' optimizers agree)."""
+        if rank == 0:
+            torch.save(self.optimizer.state_dict(), Path(folder) / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=True))
+
 
 class DeepSpeedStepper:
     """``engine.backward(loss)``, then ``engine.step()`` (it zeroes the gradients itself)."""
@@ -48,6 +58,13 @@ class DeepSpeedStepper:
 
     def step(self) -> None:
         self.engine.step()
+
+    def save_state(self, folder: Path, rank: int) -> None:
+        """``deepspeed/``: every rank writes its optimizer shard (a collective: every rank must call it)."""
+        self.engine.save_checkpoint(str(Path(folder) / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+
+    def load_state(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(Path(folder) / "deepspeed"), load_module_strict=False)
 
 
 def as_stepper(optimizer: torch.optim.Optimizer | Stepper) -> Stepper:
