@@ -159,7 +159,10 @@ def test_interrupted_sweep_resumes_with_tuner_restore(toy, tmp_path, ray_local):
     assert (tmp_path / "interrupted").exists()
     tune_dir = Path(cfg.output_dir) / "sweep" / "tune"
     assert tune.Tuner.can_restore(str(tune_dir))
-    # Running the same command again restores OUT/sweep/tune and finishes every trial.
+    # Running the same command again is a new driver with its own Ray (nothing of the interrupted one holds CPUs);
+    # it restores OUT/sweep/tune and finishes every trial.
+    ray_local.shutdown()
+    ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = sweep.run(cfg, space)
     rows = _rows(out)
     assert sorted(r["train.loss"] for r in rows) == ["hinge", "infonce"]
