@@ -268,6 +268,9 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 2
     augment: bool = True
+    # smallest area fraction of the random resized crop (reference 0.8); lower it when the photos you search show
+    # the object partly or close up (README, "Your own object")
+    crop_scale: float = 0.8
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: GpuChoice = False  # the Ray Train workers; false unless asked (auto works too, see GpuChoice)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -288,6 +291,7 @@ class TrainConfig:
             check_positive(getattr(self, key), f"train.{key}", allow_zero=True)
         check_positive(self.learning_rate, "train.learning_rate")
         check_fraction(self.beta1, "train.beta1")
+        require(0 < self.crop_scale <= 1, "train.crop_scale", f"must be in (0, 1], got {self.crop_scale}")
         check_fraction(self.beta2, "train.beta2")
         require(
             self.zero_stage in (1, 2), "train.zero_stage", f"DeepSpeed ZeRO stage must be 1 or 2, got {self.zero_stage}"

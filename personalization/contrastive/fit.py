@@ -48,7 +48,9 @@ def build_lora_encoder(cfg) -> TrainableModel:
     from personalization.models import apply_lora, build_encoder, build_transform, save_adapter
 
     encoder = apply_lora(build_encoder(cfg.model), cfg.model)
-    return TrainableModel(encoder, build_transform(cfg.model, train=cfg.train.augment), save_adapter)
+    return TrainableModel(
+        encoder, build_transform(cfg.model, train=cfg.train.augment, crop_scale=cfg.train.crop_scale), save_adapter
+    )
 
 
 @dataclass

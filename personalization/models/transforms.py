@@ -20,21 +20,21 @@ _MODES = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationM
 
 
 def build_transform(
-    model_cfg: ModelConfig, train: bool, size: int | None = None
+    model_cfg: ModelConfig, train: bool, size: int | None = None, crop_scale: float = 0.8
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB image -> normalized float tensor (3, size, size), ``size`` defaulting to ``model.image_size``.
 
     Eval: resize the shorter side to ``round(size * spec.resize / 224)`` then center-crop ``size`` (DINOv2, MAE,
     MobileNetV2: 256 -> 224; CLIP: 224 -> 224), then the backbone's mean/std.
-    Train (reference augmentation): RandomResizedCrop(size, scale 0.8-1.0), horizontal flip (p 0.5), rotation
-    uniform in +-10 degrees, then mean/std.
+    Train (reference augmentation): RandomResizedCrop(size, scale ``crop_scale``-1.0, the reference's 0.8), horizontal
+    flip (p 0.5), rotation uniform in +-10 degrees, then mean/std.
     """
     spec = get_spec(model_cfg.backbone)
     size = size or model_cfg.image_size
     mode = _MODES[spec.interpolation]
     if train:
         geometry = [
-            v2.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=mode, antialias=True),
+            v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=mode, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomRotation(10, interpolation=v2.InterpolationMode.BILINEAR),
         ]

@@ -66,7 +66,9 @@ def _rows(sweep_dir):
 def test_four_trial_asha_sweep_writes_table_plots_and_best(toy, tmp_path, ray_local):
     cfg = _cfg(toy, "asha")
     space = _space(
-        tmp_path, "scheduler: asha\ngrace_period: 1\ntrain.learning_rate: {grid: [1.0e-5, 1.0e-4, 1.0e-3, 3.0e-2]}\n"
+        tmp_path,
+        "scheduler: asha\ngrace_period: 1\nval_objects: 2\n"
+        "train.learning_rate: {grid: [1.0e-5, 1.0e-4, 1.0e-3, 3.0e-2]}\n",
     )
     out = sweep.run(cfg, space)
     rows = _rows(out)
@@ -109,7 +111,7 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
         train={"positive_sources": ["masked_dreambooth", "cutpaste"], "epochs": 1},
     )  # fmt: skip
     # Two CFG values x two samples = four trials, but only two generations.
-    space = _space(tmp_path, "scheduler: fifo\nnum_samples: 2\ngenerate.cfg: {grid: [4.0, 7.5]}\n")
+    space = _space(tmp_path, "scheduler: fifo\nnum_samples: 2\nval_objects: 2\ngenerate.cfg: {grid: [4.0, 7.5]}\n")
     out = sweep.run(cfg, space)
     rows = _rows(out)
     assert len(rows) == 4 and sorted(float(r["generate.cfg"]) for r in rows) == [4.0, 4.0, 7.5, 7.5]
@@ -151,7 +153,7 @@ def test_interrupted_sweep_resumes_with_tuner_restore(toy, tmp_path, ray_local):
             return False
 
     cfg = _cfg(toy, "resume", train={"epochs": 2})
-    space = _space(tmp_path, "scheduler: fifo\ntrain.loss: {grid: [infonce, hinge]}\n")
+    space = _space(tmp_path, "scheduler: fifo\nval_objects: 2\ntrain.loss: {grid: [infonce, hinge]}\n")
     try:
         sweep.run(cfg, space, stop=CtrlC(tmp_path / "interrupted"))
     except Exception as error:  # Tune reports the interruption; its state stays in OUT/sweep/tune
