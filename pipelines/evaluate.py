@@ -7,6 +7,10 @@ Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<in
   ``detection/{ap,ap50}``, ``segmentation/{ap,ap50}`` (the tasks in ``evaluate.tasks``). Means skip NaN.
   Instances without test images (a plain folder of a user's photos) are not measured: ``"skipped": {id:
   reason}`` and a one-line ``"note"`` say so, and with none left to measure the metrics are empty (no error).
+  ``"per_split": {model: {split: {key: mean}}}`` holds the classification and retrieval keys measured on each
+  test split alone (``in_distribution``, ``pose``, ``distractors``, ``pose_and_distractors``: the test images
+  of that split, of every instance; NaN, skipped by the means, for an instance with none in it). It is absent
+  when no test image has a split (Dogs / DF2 test images without annotations are ``in_distribution``).
 - ``pr_curves.json``: ``{model: {instance: {"precision": [...], "recall": [...]}}}``.
 - ``predictions.json``: ``{model: {instance: [{"image_id", "box", "score"}]}}`` (dense tasks).
 - ``examples/*.png`` + ``mask_examples.json``: ``[{"caption", "image", "mask"}]`` for the report.
@@ -57,6 +61,7 @@ from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "evaluate"
 PRETRAINED_CHUNK = 16  # instances per pretrained work item: each item is one pass of the encoder over the images
+METRICS_VERSION = 2  # in the units' and the summary's hash: 2 = per-split metrics (older results are redone)
 log = logging.getLogger(f"personalize.{STAGE}")
 
 
@@ -155,7 +160,7 @@ def stream_results(
 
 def unit_config(cfg: ExperimentConfig, model: str, instance: str) -> dict:
     return {"model": to_dict(cfg.model), "evaluate": without_placement(cfg.evaluate), "encoder": model,
-            "instance": instance}  # fmt: skip
+            "instance": instance, "metrics": METRICS_VERSION}  # fmt: skip
 
 
 def unit_inputs(ingest: Path, adapters: dict[str, Path], model: str, instance: str) -> dict[str, Path]:
@@ -228,7 +233,8 @@ def run(cfg: ExperimentConfig) -> Path:
             f"no personalized encoder for {missing} under {stage_dir(cfg, 'train')}; run `personalize train` first"
         )
     out = stage_dir(cfg, STAGE)
-    config = {"model": to_dict(cfg.model), "evaluate": without_placement(cfg.evaluate), "instances": instances}
+    config = {"model": to_dict(cfg.model), "evaluate": without_placement(cfg.evaluate), "instances": instances,
+              "metrics": METRICS_VERSION}  # fmt: skip
     inputs = {"ingest": ingest, **{f"train/{i}": path for i, path in adapters.items()}}
     if is_current(out, STAGE, config, inputs):
         log.info("evaluate: up to date at %s, skipping", out)

@@ -91,7 +91,8 @@ def build_report(cfg: ExperimentConfig, summary: dict) -> Path:
         notes.append("Generated images come from the tiny random zoo models: they are noise, by design.")
     return write_report(
         out / "report.html",
-        {"name": cfg.name, **summary["metrics"], "per_instance": summary["per_instance"]},
+        {"name": cfg.name, **summary["metrics"], "per_instance": summary["per_instance"]}
+        | ({"per_split": summary["per_split"]} if "per_split" in summary else {}),
         loss_history=_loss_history(out, summary["instances"]),
         sample_images=_samples(out, summary["instances"]),
         derived_masks=_derived_masks(out),

@@ -97,7 +97,8 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     """``OUT/summary.json``: the instances (trained; evaluated or skipped), failures, metrics and stage times.
 
     An instance with no test images is trained but not evaluated: it is listed under ``skipped`` and ``note``
-    says so (the metrics are then empty for it). ``derived_masks`` lists photos whose mask ingest derived."""
+    says so (the metrics are then empty for it). ``derived_masks`` lists photos whose mask ingest derived.
+    ``per_split`` (when evaluate measured test splits) is ``metrics.json``'s: {model: {split: {key: mean}}}."""
     out = Path(cfg.output_dir)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     skipped = metrics.get("skipped", {})
@@ -108,6 +109,7 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
         "negatives": _negatives_used(cfg),
         "metrics": {"pretrained": metrics["pretrained"], "personalized": metrics["personalized"]},
         "per_instance": metrics["per_instance"],
+        **({"per_split": metrics["per_split"]} if "per_split" in metrics else {}),
         "skipped": skipped,
         "seconds": timings,
         "config": "config.yaml",

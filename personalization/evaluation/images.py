@@ -3,7 +3,9 @@
 The evaluated population is every non-val instance. Its ``real_train`` images are the retrieval gallery and the
 classification references (``train``); its ``real_test`` images are the test set (``test``: the other instances'
 are the negatives). Dense evaluation (detection, segmentation) uses the ``test_dense`` split when present, else
-the test images with masks (``dense``); when every test image is ``test_dense``, they serve every task.
+the test images with masks (``dense``); when every test image is ``test_dense``, they serve every task. Each test
+image keeps its PODS test split (``split``: ``in_distribution``, ``pose``, ``distractors``,
+``pose_and_distractors``), which the per-split metrics cut the test set by.
 
 :func:`load_evaluation_images` reads ids, sizes and mask presence without the pixels (``EvaluationImages``, about
 100 bytes per image: what the driver holds and ships to the actors); :func:`iter_rows` streams the pixels of
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from personalization import schema
+from personalization.datasets.layouts import TEST_SPLITS
 
 INDEX_COLUMNS = ("image_id", "instance_id", "role", "split", "height", "width")
 SCAN_ROWS = 64  # rows decoded per Parquet read while streaming (bounds memory with multi-megabyte PNGs)
@@ -29,7 +32,8 @@ SCAN_ROWS = 64  # rows decoded per Parquet read while streaming (bounds memory w
 class EvaluationImages:
     """Image ids per use, each list in ingest order, with what the metrics need to know about each image.
 
-    ``owner``: image_id -> instance_id; ``size``: image_id -> (height, width); ``masked``: ids with a mask.
+    ``owner``: image_id -> instance_id; ``size``: image_id -> (height, width); ``masked``: ids with a mask;
+    ``split``: test image_id -> its test split, for the test images whose split is one of ``TEST_SPLITS``.
     """
 
     train: list[str]
@@ -38,6 +42,12 @@ class EvaluationImages:
     owner: dict[str, str] = field(repr=False)
     size: dict[str, tuple[int, int]] = field(repr=False)
     masked: frozenset[str] = field(repr=False)
+    split: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def test_splits(self) -> list[str]:
+        """The test splits the test set holds, in ``TEST_SPLITS`` order (empty without PODS-style splits)."""
+        present = {self.split[i] for i in self.test if i in self.split}
+        return [name for name in TEST_SPLITS if name in present]
 
     def instances_with_test_images(self) -> set[str]:
         return {self.owner[i] for i in self.test}
@@ -72,6 +82,7 @@ def load_evaluation_images(images_path: str | Path, instances: Mapping[str, Mapp
         owner={r[0]: r[1] for r in index},
         size={r[0]: (int(r[4]), int(r[5])) for r in index},
         masked=frozenset(r[0] for r in index if r[6]),
+        split={r[0]: r[3] for r in test_all if r[3] in TEST_SPLITS},
     )
 
 

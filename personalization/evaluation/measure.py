@@ -4,15 +4,17 @@
 masked train images), then one streamed pass over the evaluation images (:mod:`.images`) embedding the train and
 test images and predicting on the dense ones, then the metrics. It returns per instance a compact, JSON-able
 result: ``metrics`` (``classification/pr_auc``, ``retrieval/{ndcg,mrr,top10}``, ``detection/{ap,ap50}``,
-``segmentation/{ap,ap50}`` for the tasks asked), ``curve`` (``{"precision", "recall"}`` lists, or None without
-classification), ``predictions`` (``[{"image_id", "box", "score"}]``) and ``example`` (the best prediction on
-one of the instance's own images: ``{"image_id", "score", "rle", "image" (its PNG bytes)}``, or None). Dense
-masks become COCO RLE as they are predicted, so the process holds embeddings (N x D floats) and RLEs, never a
-batch of full-size masks beyond the one being predicted.
+``segmentation/{ap,ap50}`` for the tasks asked), ``split_metrics`` (``{test split: {classification and
+retrieval keys}}``, :func:`compute_split_metrics`; empty without PODS test splits), ``curve`` (``{"precision",
+"recall"}`` lists, or None without classification), ``predictions`` (``[{"image_id", "box", "score"}]``) and
+``example`` (the best prediction on one of the instance's own images: ``{"image_id", "score", "rle", "image"
+(its PNG bytes)}``, or None). Dense masks become COCO RLE as they are predicted, so the process holds embeddings
+(N x D floats) and RLEs, never a batch of full-size masks beyond the one being predicted.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from personalization.evaluation.retrieval import evaluate_retrieval
 
 DENSE_TASKS = ("detection", "segmentation")
 EMBED_TASKS = ("classification", "retrieval")
+RETRIEVAL_NAMES = ("ndcg", "mrr", "top10")  # evaluate_retrieval's keys
 
 
 def compute_templates(
@@ -112,6 +115,7 @@ def evaluate_encoder(
     results = {}
     for instance in instances:
         metrics, curve = compute_embedding_metrics(embeddings, sets, instance, tasks)
+        split_metrics = compute_split_metrics(embeddings, sets, instance, tasks)
         dense_tasks = [t for t in tasks if t in DENSE_TASKS]
         if dense_tasks:
             own = {i: annotations[i] for i in sets.dense if sets.owner[i] == instance and i in annotations}
@@ -121,6 +125,7 @@ def evaluate_encoder(
         results[instance] = {
             "metrics": metrics,
             "curve": curve,
+            "split_metrics": split_metrics,
             "predictions": [{k: p[k] for k in ("image_id", "box", "score")} for p in predictions[instance]],
             "example": examples.get(instance),
         }
@@ -134,10 +139,8 @@ def compute_embedding_metrics(
     metrics: dict[str, float] = {}
     if not set(EMBED_TASKS) & set(tasks):
         return metrics, None
-    train_x = np.stack([embeddings[i] for i in sets.train])
-    test_x = np.stack([embeddings[i] for i in sets.test])
-    train_y = np.array([sets.owner[i] for i in sets.train])
-    test_y = np.array([sets.owner[i] for i in sets.test])
+    train_x, train_y = _stack(embeddings, sets, sets.train)
+    test_x, test_y = _stack(embeddings, sets, sets.test)
     curve = None
     if "classification" in tasks:
         metrics["classification/pr_auc"] = evaluate_classification(train_x, train_y, test_x, test_y, instance)["pr_auc"]
@@ -147,3 +150,29 @@ def compute_embedding_metrics(
         for name, value in evaluate_retrieval(train_x, train_y, test_x, test_y, instance).items():
             metrics[f"retrieval/{name}"] = value
     return metrics, curve
+
+
+def compute_split_metrics(
+    embeddings: dict[str, np.ndarray], sets: EvaluationImages, instance: str, tasks: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """{test split: metrics} of one instance, the embedding metrics of :func:`compute_embedding_metrics` on the
+    test set cut to one split (the test images of that split, of every instance; the gallery and the references
+    stay all train images). NaN where the instance has no test image in a split. Empty without test splits."""
+    if not set(EMBED_TASKS) & set(tasks):
+        return {}
+    found = {}
+    for split in sets.test_splits():
+        chosen = [i for i in sets.test if sets.split.get(i) == split]
+        cut = EvaluationImages(sets.train, chosen, [], sets.owner, sets.size, sets.masked, sets.split)
+        if any(sets.owner[i] == instance for i in chosen):
+            found[split] = compute_embedding_metrics(embeddings, cut, instance, tasks)[0]
+        else:
+            keys = ["classification/pr_auc"] if "classification" in tasks else []
+            keys += [f"retrieval/{name}" for name in RETRIEVAL_NAMES] if "retrieval" in tasks else []
+            found[split] = dict.fromkeys(keys, math.nan)
+    return found
+
+
+def _stack(embeddings: dict[str, np.ndarray], sets: EvaluationImages, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) embeddings and (N,) owner labels of ``ids``."""
+    return np.stack([embeddings[i] for i in ids]), np.array([sets.owner[i] for i in ids])

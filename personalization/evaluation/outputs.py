@@ -71,6 +71,7 @@ def write_summary(out: Path, results: Mapping[str, Mapping[str, Path]]) -> int:
     models, in evaluation order) into ``out``."""
     instances = list(results[MODELS[0]])
     per_instance: dict[str, dict] = {i: {} for i in instances}
+    splits: dict[str, dict] = {i: {} for i in instances}
     curves: dict[str, dict] = {model: {} for model in MODELS}
     predictions: dict[str, dict] = {model: {} for model in MODELS}
     examples: dict[str, list] = {model: [] for model in MODELS}
@@ -79,6 +80,7 @@ def write_summary(out: Path, results: Mapping[str, Mapping[str, Path]]) -> int:
         for instance in instances:
             result = load_result(results[model][instance])
             per_instance[instance][model] = result["metrics"]
+            splits[instance][model] = result.get("split_metrics") or {}  # units committed before splits: none
             if result["curve"] is not None:
                 curves[model][instance] = result["curve"]
             predictions[model][instance] = result["predictions"]
@@ -89,11 +91,26 @@ def write_summary(out: Path, results: Mapping[str, Mapping[str, Path]]) -> int:
         model: {k: mean([per_instance[i][model][k] for i in instances]) for k in keys[model]} for model in MODELS
     }
     summary["per_instance"] = per_instance
+    if per_split := mean_per_split(splits, instances):
+        summary["per_split"] = per_split
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "pr_curves.json").write_text(json.dumps(curves))
     (out / "predictions.json").write_text(json.dumps(predictions, indent=1))
     (out / "mask_examples.json").write_text(json.dumps(save_examples(out, examples), indent=2))
     return len(instances)
+
+
+def mean_per_split(splits: Mapping[str, Mapping[str, Mapping]], instances: Sequence[str]) -> dict:
+    """``{model: {split: {key: mean over instances}}}`` from ``{instance: {model: {split: {key: value}}}}``
+    (NaN skipped, as for the pooled means); empty when no instance has split metrics."""
+    summary: dict[str, dict] = {}
+    for model in MODELS:
+        names = list(dict.fromkeys(s for i in instances for s in splits[i].get(model, {})))
+        for split in names:
+            found = [splits[i][model][split] for i in instances if split in splits[i].get(model, {})]
+            keys = list(dict.fromkeys(k for metrics in found for k in metrics))
+            summary.setdefault(model, {})[split] = {k: mean([m.get(k, math.nan) for m in found]) for k in keys}
+    return summary
 
 
 def save_examples(out: Path, examples: Mapping[str, list]) -> list[dict]:

@@ -52,6 +52,7 @@ def render_metrics_table(summary: Mapping) -> str:
             f"<td>{_format(delta)}</td></tr>"
         )
     parts = ["<h2>Metrics (mean over instances)</h2>", f"<table>{''.join(rows)}</table>"]
+    parts.append(render_split_table(summary.get("per_split", {})))
     per_instance = summary.get("per_instance", {})
     if per_instance:
         header = "".join(f"<th>{html.escape(k)}<br>pre / pers</th>" for k in keys)
@@ -65,6 +66,24 @@ def render_metrics_table(summary: Mapping) -> str:
             rows.append(f"<tr><td>{html.escape(str(instance))}</td>{cells}</tr>")
         parts += ["<h2>Per instance</h2>", f"<table>{''.join(rows)}</table>"]
     return "\n".join(parts)
+
+
+def render_split_table(per_split: Mapping) -> str:
+    """HTML table of the per-split means (``metrics.json``'s ``per_split``): one row per test split, a
+    ``pretrained / personalized`` cell per metric; empty text without splits."""
+    splits = list(dict.fromkeys(s for model in MODELS for s in per_split.get(model, {})))
+    if not splits:
+        return ""
+    cell = lambda model, split, key: _format(per_split.get(model, {}).get(split, {}).get(key, math.nan))  # noqa: E731
+    keys = list(
+        dict.fromkeys(k for model in MODELS for by_split in per_split.get(model, {}).values() for k in by_split)
+    )
+    header = "".join(f"<th>{html.escape(k)}<br>pre / pers</th>" for k in keys)
+    rows = [f"<tr><th>test split</th>{header}</tr>"]
+    for split in splits:
+        cells = "".join(f"<td>{cell('pretrained', split, k)} / {cell('personalized', split, k)}</td>" for k in keys)
+        rows.append(f"<tr><td>{html.escape(split)}</td>{cells}</tr>")
+    return f"<h2>Per test split (mean over instances)</h2><table>{''.join(rows)}</table>"
 
 
 def plot_loss_history(loss_history: Mapping[str, Sequence[float]]) -> bytes:
@@ -144,7 +163,8 @@ def write_report(
     """Write the HTML report and return its path.
 
     ``summary``: ``{"pretrained": {metric: mean}, "personalized": {...}, "per_instance": {id: {model: {...}}}}``
-    (the evaluate stage's ``metrics.json``). ``pr_curves``: model -> instance -> (precision, recall).
+    and optionally ``"per_split": {model: {split: {metric: mean}}}`` (the evaluate stage's ``metrics.json``).
+    ``pr_curves``: model -> instance -> (precision, recall).
     ``sample_images``: (caption, PNG). ``mask_examples``: (caption, image PNG, predicted-mask PNG).
     ``derived_masks``: (caption, photo PNG, mask PNG) of the masks ingest derived, shown for the user to check.
     """
