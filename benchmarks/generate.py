@@ -138,7 +138,7 @@ def measure(
             "output_dir": str(out),
             "dreambooth": {"base_model": sd},
             "generate": {"enabled": True, "steps": steps, "image_size": size, "batch_size": batch,
-                         "num_actors": 1, "gpus_per_actor": 0.0, "cfg": 5.0,
+                         "num_actors": 1, "gpus_per_actor": 0.0, "guidance_scale": 5.0,
                          "positives_per_instance": n_filtered, "max_attempts": max(n_filtered, 1)},
             "filter": {"enabled": False, "cache_dir": str(parts.get("dreamsim", "")), "dreamsim_type": "clip_vitb32",
                        "masker": "patch", "threshold": 0.0, "num_actors": 1, "batch_size": batch},

@@ -31,7 +31,9 @@ from personalization.config_layers import (
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
+    "RENAMED_KEYS",
     "build_config",
+    "check_not_renamed",
     "load_config",
     "parse_override",
     "replace",
@@ -183,7 +185,7 @@ class GenerateConfig:
     max_attempts: int = 5000
     prompts_file: str = ""  # JSON {instance_id: [prompts]}; empty = the built-in prompt bank
     num_prompts: int = 100
-    cfg: float = 5.0
+    guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0, compared with 4.0 / 7.5); was generate.cfg
     steps: int = 50
     image_size: int = 512
     scheduler: str = "dpm"
@@ -200,7 +202,11 @@ class GenerateConfig:
             "generate.max_attempts",
             "must be >= generate.positives_per_instance",
         )
-        require(self.cfg >= 1.0, "generate.cfg", f"classifier-free guidance must be >= 1, got {self.cfg}")
+        require(
+            self.guidance_scale >= 1.0,
+            "generate.guidance_scale",
+            f"classifier-free guidance must be >= 1 (the paper uses 5.0), got {self.guidance_scale}",
+        )
         check_positive(self.steps, "generate.steps")
         check_positive(self.num_prompts, "generate.num_prompts")
         require(
@@ -399,11 +405,32 @@ class ExperimentConfig:
 
 # Building from layers
 
+# Keys that were renamed: the old spelling (in a YAML, an override or a sweep space) fails naming the new one.
+RENAMED_KEYS = {"generate.cfg": "generate.guidance_scale"}
+
+
+def check_not_renamed(key: str) -> None:
+    """A ConfigError naming the new key when ``key`` (dotted) is a renamed one."""
+    if key in RENAMED_KEYS:
+        new = RENAMED_KEYS[key]
+        raise ConfigError(f"{key}: renamed to {new} (same meaning and values); write {new} instead")
+
+
+def _dotted_keys(layer: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in layer.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return keys
+
 
 def build_config(*layers: dict) -> ExperimentConfig:
     """Defaults, then each layer of deltas in order; validated."""
     merged = to_dict(ExperimentConfig())
     for layer in layers:
+        for key in _dotted_keys(layer):
+            check_not_renamed(key)
         merged = merge(merged, layer)
     return build_dataclass(ExperimentConfig, merged)
 

@@ -9,7 +9,7 @@ A space is a YAML file that maps dotted config keys to a domain, plus a few top-
     scheduler: asha               # asha (early stopping per epoch) | fifo
     val_objects: 3                # val objects a trial trains and is scored on (mean val/pr_auc); >= 2
     train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}
-    generate.cfg: {grid: [4.0, 5.0, 7.5]}
+    generate.guidance_scale: {grid: [4.0, 5.0, 7.5]}
 
 Domains: ``grid: [v, ...]`` (every value), ``choice: [v, ...]`` (sampled), ``uniform: [lo, hi]``,
 ``loguniform: [lo, hi]``, ``randint: [lo, hi)``. Sweepable sections are ``train``, ``model``, ``generate`` and
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from personalization.config import ConfigError, ExperimentConfig, build_config, to_dict
+from personalization.config import ConfigError, ExperimentConfig, build_config, check_not_renamed, to_dict
 
 SWEEPABLE_SECTIONS = ("train", "model", "generate", "filter")
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -104,6 +104,10 @@ def nest(flat: dict[str, Any]) -> dict:
 
 
 def _check_key(key: str, source: str) -> None:
+    try:
+        check_not_renamed(key)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
     section, _, name = key.partition(".")
     sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
     if section not in SWEEPABLE_SECTIONS or not name or "." in name:

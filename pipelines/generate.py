@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig
-from personalization.errors import MissingInputError, UserError
+from personalization.errors import MissingInputError
 from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
@@ -184,8 +184,6 @@ def positive_source(cfg: ExperimentConfig) -> str:
 
 def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, str]:
     """Everything that can be wrong, checked before any actor starts; returns {instance_id: generator folder}."""
-    if cfg.generate.cfg < 1:
-        raise UserError(f"generate.cfg={cfg.generate.cfg}: classifier-free guidance must be >= 1")
     check_generator(cfg.dreambooth.base_model)
     if cfg.generate.prompts_file:
         load_prompts(cfg.generate.prompts_file)  # a broken prompt file fails here, before Ray starts
@@ -218,8 +216,9 @@ def scorer_kwargs(cfg: ExperimentConfig) -> dict:
 
 
 def _sampling_config(cfg: ExperimentConfig) -> dict:
-    keys = ("cfg", "steps", "image_size", "scheduler")
-    return {k: getattr(cfg.generate, k) for k in keys} | {"base_model": cfg.dreambooth.base_model, "seed": cfg.seed}
+    keys = ("steps", "image_size", "scheduler")  # "cfg": the guidance scale under its image-table name
+    sampling = {"cfg": cfg.generate.guidance_scale} | {k: getattr(cfg.generate, k) for k in keys}
+    return sampling | {"base_model": cfg.dreambooth.base_model, "seed": cfg.seed}
 
 
 def run_negatives(cfg: ExperimentConfig, categories: Sequence[str]) -> list[Path]:
@@ -249,7 +248,7 @@ def run_negatives(cfg: ExperimentConfig, categories: Sequence[str]) -> list[Path
                 [negative_prompt(c)],
                 n,
                 generator=base,
-                cfg=cfg.generate.cfg,
+                cfg=cfg.generate.guidance_scale,
                 seed=cfg.seed,
                 role="negative",
                 source="pretrained",
@@ -320,7 +319,7 @@ def run_positives(
             prompts[instance_id],
             per_instance,
             generator=generators[instance_id],
-            cfg=gen.cfg,
+            cfg=gen.guidance_scale,
             seed=cfg.seed,
             role="positive",
             source=positive_source(cfg),

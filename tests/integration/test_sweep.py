@@ -111,10 +111,12 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
         train={"positive_sources": ["masked_dreambooth", "cutpaste"], "epochs": 1},
     )  # fmt: skip
     # Two CFG values x two samples = four trials, but only two generations.
-    space = _space(tmp_path, "scheduler: fifo\nnum_samples: 2\nval_objects: 2\ngenerate.cfg: {grid: [4.0, 7.5]}\n")
+    space = _space(
+        tmp_path, "scheduler: fifo\nnum_samples: 2\nval_objects: 2\ngenerate.guidance_scale: {grid: [4.0, 7.5]}\n"
+    )
     out = sweep.run(cfg, space)
     rows = _rows(out)
-    assert len(rows) == 4 and sorted(float(r["generate.cfg"]) for r in rows) == [4.0, 4.0, 7.5, 7.5]
+    assert len(rows) == 4 and sorted(float(r["generate.guidance_scale"]) for r in rows) == [4.0, 4.0, 7.5, 7.5]
     caches = sorted((out / "shared" / "generate-cache").iterdir())
     assert len(caches) == 2
     probes = json.loads((out / "sweep.json").read_text())["probes"]
@@ -130,7 +132,7 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
     # Each trial read the cache of its own value.
     for row in rows:
         link = (out / "trials" / row["trial_id"] / "generate").resolve()
-        assert set(read_image_table(link / "positives")["cfg"].to_pylist()) == {float(row["generate.cfg"])}
+        assert set(read_image_table(link / "positives")["cfg"].to_pylist()) == {float(row["generate.guidance_scale"])}
 
 
 @pytest.mark.slow
@@ -182,8 +184,8 @@ def test_unknown_space_key_fails_before_ray(toy, tmp_path, capsys):
         sweep.main(["--space", str(space), f"output_dir={cfg.output_dir}"])
     assert exit_info.value.code == 2
     assert "train.learning_rte" in capsys.readouterr().err
-    bad_cfg = _space(tmp_path, "generate.cfg: {grid: [4.0, 0.5]}\n")
-    with pytest.raises(ValueError, match=r"generate\.cfg=0\.5 is not a valid config value"):
+    bad_cfg = _space(tmp_path, "generate.guidance_scale: {grid: [4.0, 0.5]}\n")
+    with pytest.raises(ValueError, match=r"generate\.guidance_scale=0\.5 is not a valid config value"):
         sweep.run(cfg, bad_cfg)
 
 

@@ -20,7 +20,7 @@ def test_defaults_follow_the_reference_settings():
     assert cfg.train.temperature == 0.07 and cfg.train.learning_rate == 3e-4 and cfg.train.batch_size == 16
     assert (cfg.train.beta1, cfg.train.beta2) == (0.5, 0.999)
     assert cfg.train.num_triplets == 4500 and cfg.train.epochs == 2
-    assert cfg.generate.cfg == 5.0 and cfg.filter.threshold == 0.6 and cfg.dreambooth.steps == 400
+    assert cfg.generate.guidance_scale == 5.0 and cfg.filter.threshold == 0.6 and cfg.dreambooth.steps == 400
 
 
 def test_configs_are_frozen():
@@ -64,7 +64,7 @@ def test_override_values_are_typed():
         ("train.negatives=folder", "train.negatives_dir: negatives=folder needs"),
         ("filter.threshold=1.5", "filter.threshold: must lie in [0, 1]"),
         ("filter.threshold=-0.1", "filter.threshold: must lie in [0, 1]"),
-        ("generate.cfg=0.5", "generate.cfg: classifier-free guidance must be >= 1"),
+        ("generate.guidance_scale=0.5", "generate.guidance_scale: classifier-free guidance must be >= 1"),
         ("data.root=/no/such/dir", "data.root: /no/such/dir does not exist"),
         ("cutpaste.scale_max=0.1", "cutpaste.scale_max: must be >= cutpaste.scale_min"),
         ("cutpaste.backgrounds_dir=/no/such", "cutpaste.backgrounds_dir: /no/such is not a folder"),

@@ -19,7 +19,7 @@ from personalization.sweeps import (
 
 SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
 EXPECTED = {
-    "cfg.yaml": "generate.cfg",
+    "guidance_scale.yaml": "generate.guidance_scale",
     "negatives.yaml": "train.num_negatives",
     "pairs.yaml": "train.num_pairs",
     "loss.yaml": "train.loss",
@@ -44,7 +44,7 @@ def test_the_issue_spaces_are_all_shipped():
     base = build_config()
     for name, key in EXPECTED.items():
         assert key in load_space(SPACES / name, base).domains
-    assert load_space(SPACES / "cfg.yaml", base).domains["generate.cfg"].values == (4.0, 5.0, 7.5)
+    assert load_space(SPACES / "guidance_scale.yaml", base).domains["generate.guidance_scale"].values == (4.0, 5.0, 7.5)
 
 
 def test_unknown_key_names_the_key_and_the_valid_section_keys():
@@ -59,8 +59,8 @@ def test_unknown_key_names_the_key_and_the_valid_section_keys():
 
 
 def test_invalid_candidate_values_fail_before_any_trial():
-    with pytest.raises(ConfigError, match=r"generate\.cfg=0\.5 is not a valid config value.*must be >= 1"):
-        parse_space({"generate.cfg": {"grid": [4.0, 0.5]}}, build_config())
+    with pytest.raises(ConfigError, match=r"generate\.guidance_scale=0\.5 is not a valid config value.*must be >= 1"):
+        parse_space({"generate.guidance_scale": {"grid": [4.0, 0.5]}}, build_config())
     with pytest.raises(ConfigError, match=r"train\.loss='cosine'.*must be one of"):
         parse_space({"train.loss": {"choice": ["infonce", "cosine"]}}, build_config())
     with pytest.raises(ConfigError, match=r"filter\.threshold=1\.5"):
@@ -68,7 +68,7 @@ def test_invalid_candidate_values_fail_before_any_trial():
     with pytest.raises(ConfigError, match="low < high"):
         parse_space({"train.learning_rate": {"loguniform": [1e-3, 1e-5]}}, build_config())
     with pytest.raises(ConfigError, match="must be grid or choice"):
-        parse_space({"generate.cfg": {"uniform": [4.0, 7.5]}}, build_config())
+        parse_space({"generate.guidance_scale": {"uniform": [4.0, 7.5]}}, build_config())
     with pytest.raises(ConfigError, match="one domain"):
         parse_space({"train.epochs": [1, 2]}, build_config())
     with pytest.raises(ConfigError, match="option scheduler"):
@@ -79,16 +79,21 @@ def test_invalid_candidate_values_fail_before_any_trial():
 
 def test_options_and_generate_variants():
     space = parse_space(
-        {"num_samples": 3, "max_concurrent_trials": 1, "generate.cfg": {"grid": [4.0, 7.5]},
+        {"num_samples": 3, "max_concurrent_trials": 1, "generate.guidance_scale": {"grid": [4.0, 7.5]},
          "generate.steps": {"choice": [2, 3]}, "filter.threshold": {"grid": [0.4, 0.6]},
          "train.learning_rate": {"loguniform": [1e-5, 1e-3]}},
         build_config(),
     )  # fmt: skip
     assert space.num_samples == 3 and space.max_concurrent_trials == 1 and space.scheduler == "asha"
-    # The threshold is read-time and the learning rate train-only: only cfg x steps change the generated data.
-    assert space.generate_keys() == ["generate.cfg", "generate.steps"]
+    # The threshold is read-time and the learning rate train-only: only guidance x steps change the generated data.
+    assert space.generate_keys() == ["generate.guidance_scale", "generate.steps"]
     variants = generate_variants(space, build_config())
-    assert sorted((v.generate.cfg, v.generate.steps) for v in variants) == [(4.0, 2), (4.0, 3), (7.5, 2), (7.5, 3)]
+    assert sorted((v.generate.guidance_scale, v.generate.steps) for v in variants) == [
+        (4.0, 2),
+        (4.0, 3),
+        (7.5, 2),
+        (7.5, 3),
+    ]
 
 
 def test_results_table_best_delta_and_plots(tmp_path):
