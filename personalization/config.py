@@ -232,8 +232,9 @@ class FilterConfig:
     dreamsim_type: str = "ensemble"
     cache_dir: str = "./models/dreamsim"
     threshold: float = 0.6
-    masker: Literal["none", "patch", "sam"] = "patch"
-    sam_weights: str = ""
+    # auto = sam (the paper's PerSAM-style masking) when sam_weights is set, else patch (a logged fallback)
+    masker: Literal["auto", "none", "patch", "sam"] = "auto"
+    sam_weights: str = ""  # HF id (facebook/sam-vit-base) or local folder of a SAM checkpoint
     num_actors: int = 1
     batch_size: int = 16
     use_gpu: GpuChoice = "auto"  # the DreamSim scorers, a quarter GPU each, in generate and filter (see GpuChoice)

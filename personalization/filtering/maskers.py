@@ -7,12 +7,18 @@ Maskers share one interface: ``fit(real_images, real_masks)`` learns the object 
 - ``PatchMasker``: PerSAM's location prior without SAM. Reference r = mean of the L2-normalized patch features
   inside the real masks; per image, s_ij = <f_ij, r> over the (h, w) patch grid, min-max normalized to [0, 1];
   the box is the extent of the largest connected region with s >= threshold.
-- ``SamMasker``: SAM (transformers ``SamModel``) prompted with the most similar patch's centre (PerSAM-style);
-  the box of its best mask, falling back to the patch box when SAM returns nothing.
+- ``SamMasker``: SAM (transformers ``SamModel``) prompted PerSAM-style with the most similar patch's centre as a
+  positive point and the least similar one's as a negative point; ``masks(images)`` gives SAM's best mask (by its
+  predicted IoU) per image, and the box is that mask's extent, falling back to the patch box when SAM returns an
+  empty mask.
+
+``filter.masker=auto`` (the default) is the paper's: SAM where ``filter.sam_weights`` names weights, else the patch
+shortcut, which :func:`resolve_masker` announces in the log as a fallback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +28,7 @@ from PIL import Image
 from personalization.errors import UserError
 
 Box = tuple[int, int, int, int]
+log = logging.getLogger(__name__)
 
 
 def mask_box(mask: np.ndarray) -> Box | None:
@@ -96,41 +103,78 @@ class PatchMasker:
 
 
 class SamMasker:
-    """SAM prompted with the peak of the patch-similarity map (PerSAM's positive point)."""
+    """SAM prompted with the peak (positive point) and the trough (negative point) of the patch-similarity map, as
+    PerSAM's location prior does; ``sam_weights`` is an HF id or a local folder, loaded with ``from_pretrained``."""
 
     def __init__(self, patch_masker: PatchMasker, sam_weights: str, device: str | None = None):
         from transformers import SamModel, SamProcessor
 
         self.patch_masker = patch_masker
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = SamModel.from_pretrained(sam_weights).to(self.device).eval()
-        self.processor = SamProcessor.from_pretrained(sam_weights)
+        try:
+            self.model = SamModel.from_pretrained(sam_weights).to(self.device).eval()
+            self.processor = SamProcessor.from_pretrained(sam_weights)
+        except OSError as error:
+            raise UserError(
+                f"filter.sam_weights={sam_weights!r}: no SAM checkpoint there ({error}); give a local folder holding "
+                "config.json, model.safetensors and preprocessor_config.json (a facebook/sam-vit-* download), an HF "
+                "id in this node's HF_HOME cache, or set filter.masker=patch"
+            ) from error
 
     def fit(self, images: Sequence[Image.Image], masks: Sequence[np.ndarray]) -> SamMasker:
         self.patch_masker.fit(images, masks)
         return self
 
-    @torch.inference_mode()
-    def boxes(self, images: Sequence[Image.Image]) -> list[Box]:
-        sims = self.patch_masker.similarity(images)
-        fallback = self.patch_masker.boxes(images)
+    def _points(self, images: Sequence[Image.Image]) -> list[list[list[float]]]:
+        """Per image [positive (x, y), negative (x, y)]: the centres of the most and least similar patches."""
         out = []
-        for image, sim, backup in zip(images, sims, fallback, strict=True):
+        for image, sim in zip(images, self.patch_masker.similarity(images), strict=True):
             h, w = sim.shape
-            row, col = divmod(int(sim.argmax()), w)
-            point = [[[(col + 0.5) * image.width / w, (row + 0.5) * image.height / h]]]
-            inputs = self.processor(images=image, input_points=point, return_tensors="pt").to(self.device)
-            result = self.model(**inputs)
-            masks = self.processor.post_process_masks(
-                result.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
-            )[0][0]  # (3, H, W): SAM's three candidate masks for the point
-            best = int(result.iou_scores[0, 0].argmax())
-            box = mask_box(masks[best].numpy())
-            out.append(box or backup)
+            cells = [divmod(int(sim.argmax()), w), divmod(int(sim.argmin()), w)]
+            out.append([[(col + 0.5) * image.width / w, (row + 0.5) * image.height / h] for row, col in cells])
         return out
+
+    @torch.inference_mode()
+    def masks(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """SAM's best mask per image: bool (H, W) at the image's own size (may be empty)."""
+        if not images:
+            return []
+        points = self._points(images)
+        inputs = self.processor(
+            images=[image.convert("RGB") for image in images],
+            input_points=[[pair] for pair in points],  # (N, 1 prompt, 2 points, xy)
+            input_labels=[[[1, 0]] for _ in points],  # positive, negative
+            return_tensors="pt",
+        ).to(self.device)
+        result = self.model(**inputs)
+        candidates = self.processor.post_process_masks(
+            result.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
+        )  # per image (1, 3, H, W): SAM's three candidate masks for the prompt
+        best = result.iou_scores[:, 0].argmax(dim=-1).cpu()
+        return [cand[0, int(k)].numpy().astype(bool) for cand, k in zip(candidates, best, strict=True)]
+
+    def boxes(self, images: Sequence[Image.Image]) -> list[Box]:
+        fallback = self.patch_masker.boxes(images)
+        return [mask_box(mask) or backup for mask, backup in zip(self.masks(images), fallback, strict=True)]
+
+
+def resolve_masker(kind: str, sam_weights: str = "") -> str:
+    """``auto`` -> ``sam`` when SAM weights are configured, else ``patch`` (logged as the fallback it is)."""
+    if kind != "auto":
+        return kind
+    if sam_weights:
+        return "sam"
+    log.warning(
+        "filter.masker=auto: no filter.sam_weights, so the filter finds objects with the patch-similarity shortcut "
+        "(fallback masker=patch); the paper uses PerSAM: set filter.sam_weights=facebook/sam-vit-base or a local SAM "
+        "folder"
+    )
+    return "patch"
 
 
 def build_masker(kind: str, embedder, sam_weights: str = "", device: str | None = None, threshold: float = 0.5):
+    """The masker named by ``filter.masker`` (none, patch, sam or auto; see :func:`resolve_masker`)."""
+    kind = resolve_masker(kind, sam_weights)
     if kind == "none":
         return NoMasker()
     if kind == "patch":
@@ -139,4 +183,4 @@ def build_masker(kind: str, embedder, sam_weights: str = "", device: str | None 
         if not sam_weights:
             raise UserError("filter.masker=sam needs filter.sam_weights (HF id or local SAM folder)")
         return SamMasker(PatchMasker(embedder, threshold), sam_weights, device)
-    raise UserError(f"filter.masker={kind!r}: use none, patch or sam")
+    raise UserError(f"filter.masker={kind!r}: use auto, none, patch or sam")

@@ -41,7 +41,7 @@ class Scorer:
         cache_dir: str,
         *,
         dreamsim_type: str = "ensemble",
-        masker: str = "patch",
+        masker: str = "auto",
         sam_weights: str = "",
         device: str | None = None,
         batch_size: int = 16,

@@ -1,12 +1,13 @@
 """The offline model zoo: tiny random models in real layouts, built once, for tests and the CPU demo.
 
 ``build_zoo(out_dir)`` returns ``{part: folder}`` for the parts ``dinov2``, ``clip``, ``mae`` (this package's
-``vision`` module), ``stable_diffusion`` (``zoo.diffusion.build_stable_diffusion``) and ``dreamsim``
+``vision`` module), ``sam`` (``zoo.sam``: a ``SamModel`` and its processor, for ``filter.sam_weights``),
+``stable_diffusion`` (``zoo.diffusion.build_stable_diffusion``) and ``dreamsim``
 (``zoo.dreamsim.build_dreamsim_cache``). Point the config at them, e.g. ``model.weights=<zoo>/dinov2``,
 ``dreambooth.base_model=<zoo>/stable_diffusion``. ``mobilenetv2_weights()`` is the one real pretrained backbone.
 
 Caching: a built part holds a ``_zoo_done.json`` marker written last; a part with the marker is returned at once.
-Vision parts are built in a temporary sibling folder and renamed into place, so a crash leaves no half part.
+Vision and SAM parts are built in a temporary sibling folder and renamed into place, so a crash leaves no half part.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from personalization.errors import UserError
+from personalization.zoo.sam import build_tiny_sam
 from personalization.zoo.vision import VISION_BUILDERS, mobilenetv2_weights
 
 log = logging.getLogger(__name__)
 
 MARKER = "_zoo_done.json"
-PARTS = ("dinov2", "clip", "mae", "stable_diffusion", "dreamsim")
+PARTS = ("dinov2", "clip", "mae", "sam", "stable_diffusion", "dreamsim")
+# Parts built here into a temporary sibling folder and renamed into place (transformers save_pretrained folders).
+LOCAL_BUILDERS = {**VISION_BUILDERS, "sam": build_tiny_sam}
 
 __all__ = ["MARKER", "PARTS", "build_zoo", "mobilenetv2_weights"]
 
@@ -61,7 +65,7 @@ def _build_vision(part: str, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=out_dir))
     tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is shared read-only
     try:
-        VISION_BUILDERS[part](tmp)
+        LOCAL_BUILDERS[part](tmp)
         _write_marker(tmp, final)
         try:
             tmp.rename(final)
@@ -89,7 +93,7 @@ def build_zoo(out_dir: str | Path, parts: Sequence[str] | None = None) -> dict[s
         cached = _read_marker(out_dir / part)
         if cached is not None:
             paths[part] = cached
-        elif part in VISION_BUILDERS:
+        elif part in LOCAL_BUILDERS:
             log.info("zoo: building %s", part)
             paths[part] = _build_vision(part, out_dir)
         elif (builder := _external_builder(part)) is not None:

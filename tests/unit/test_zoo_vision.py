@@ -41,7 +41,7 @@ def test_zoo_writes_real_layouts_once(zoo):
 
 def test_zoo_rejects_unknown_parts(tmp_path):
     with pytest.raises(ValueError, match="unknown zoo parts"):
-        build_zoo(tmp_path, parts=["sam"])
+        build_zoo(tmp_path, parts=["bert"])
 
 
 @pytest.mark.parametrize("part", VISION)
