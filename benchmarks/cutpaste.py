@@ -18,7 +18,7 @@ from benchmarks.common import Result, local_ray, ratio, timed, toy_workspace
 
 def plain_loop(cfg, out) -> int:
     from personalization import schema
-    from personalization.synthesis.cutpaste import make_composites
+    from personalization.synthesis.cutpaste import composite_options, make_composites
     from pipelines.common import stage_dir
     from pipelines.cutpaste import _encoded_backgrounds, _load_real_rows, select_instances
 
@@ -27,9 +27,8 @@ def plain_loop(cfg, out) -> int:
     blobs, key = _encoded_backgrounds(cfg)
     backgrounds = [schema.decode_image(b) for b in blobs]
     rows = make_composites(
-        real.to_pylist(), backgrounds, n=cfg.cutpaste.images_per_instance, seed=cfg.seed,
-        scale_range=(cfg.cutpaste.scale_min, cfg.cutpaste.scale_max), size=cfg.cutpaste.image_size,
-        backgrounds_key=key,
+        real.to_pylist(), backgrounds, n=cfg.cutpaste.images_per_instance, seed=cfg.seed, backgrounds_key=key,
+        **composite_options(cfg.cutpaste),
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     return schema.write_image_table(rows, out / "composites.parquet")

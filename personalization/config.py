@@ -104,6 +104,9 @@ class CutpasteConfig:
     backgrounds_dir: str = ""  # folder of background photos; empty = procedurally made backgrounds
     scale_min: float = 0.3
     scale_max: float = 1.3
+    # object: the scale multiplies the object's size in its photo (paper); canvas: 1.0 = half the canvas side
+    scale_of: Literal["object", "canvas"] = "object"
+    extra_augment: bool = False  # also random flips, +-15 degree rotations, colour jitter (not in the paper)
     image_size: int = 256
     include_val: bool = True  # also composite the val instances (they serve as negatives)
 

@@ -24,6 +24,7 @@ from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
+from personalization.synthesis.cutpaste import composite_options, make_composite
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 
@@ -89,14 +90,11 @@ def _composite_batch(
     real_ref,
     backgrounds_ref,
     seed: int,
-    scale_range: tuple[float, float],
-    size: int,
     backgrounds_key: str,
+    options: dict,
 ) -> pa.Table:
     """Ray task body: work items {instance_id, k} -> image-table rows (bytes, never PIL), typed as the schema."""
     import ray
-
-    from personalization.synthesis.cutpaste import make_composite
 
     real, backgrounds = ray.get(real_ref), _DecodedOnAccess(ray.get(backgrounds_ref))
     wanted = sorted(set(batch["instance_id"].tolist()))
@@ -109,9 +107,8 @@ def _composite_batch(
             backgrounds,
             k=int(k),
             seed=seed,
-            scale_range=scale_range,
-            size=size,
             backgrounds_key=backgrounds_key,
+            **options,
         )
         for instance_id, k in zip(batch["instance_id"], batch["k"], strict=True)
     ]
@@ -189,9 +186,8 @@ def _composite_stream(cfg: ExperimentConfig, todo: list[str], n: int, real: pa.T
             "real_ref": real_ref,
             "backgrounds_ref": backgrounds_ref,
             "seed": cfg.seed,
-            "scale_range": (cfg.cutpaste.scale_min, cfg.cutpaste.scale_max),
-            "size": cfg.cutpaste.image_size,
             "backgrounds_key": key,
+            "options": composite_options(cfg.cutpaste),
         },
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -1,14 +1,18 @@
-"""Cut-and-Paste library: mask alignment, scale, flips, determinism, and the background loaders."""
+"""Cut-and-Paste library: mask alignment, the two scale conventions, opt-in extra augmentations, determinism,
+backgrounds from a folder, and the background loaders."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from personalization import schema
 from personalization.synthesis.backgrounds import load_backgrounds, make_procedural_backgrounds
 from personalization.synthesis.cutpaste import (
     BASE_FRACTION,
     compute_object_side,
+    compute_pasted_size,
     make_composite,
     make_composites,
     paste_object,
@@ -59,7 +63,9 @@ def test_pasted_mask_is_aligned_with_object_pixels():
     mask = np.zeros((60, 90), bool)
     mask[10:50, 20:80] = True
     mask[10:20, 20:30] = False  # a notch: the mask is not just its box
-    composite, pasted = paste_object(Image.fromarray(pixels), mask, plain(120), scale=1.0, position=(7, 33), size=120)
+    composite, pasted = paste_object(
+        Image.fromarray(pixels), mask, plain(120), scale=1.0, position=(7, 33), size=120, scale_of="canvas"
+    )
     out = np.asarray(composite)
     assert composite.size == (120, 120) and pasted.shape == (120, 120) and pasted.dtype == bool
     expected = np.zeros((120, 120), bool)
@@ -76,7 +82,7 @@ def test_pasted_mask_is_aligned_with_object_pixels():
 
 def test_resized_object_keeps_its_layout():
     image, mask = two_tone_object()
-    composite, pasted = paste_object(image, mask, plain(128), scale=1.0, position=(10, 30), size=128)
+    composite, pasted = paste_object(image, mask, plain(128), scale=1.0, position=(10, 30), size=128, scale_of="canvas")
     pixels = np.asarray(composite).astype(int)
     # 60 x 40 box scaled to a 64 px longest side: 64 x round(40 * 64 / 60) = 64 x 43 at (10, 30).
     ys, xs = np.nonzero(pasted)
@@ -89,7 +95,9 @@ def test_resized_object_keeps_its_layout():
 
 def test_flip_mirrors_the_object():
     image, mask = two_tone_object()
-    composite, pasted = paste_object(image, mask, plain(128), scale=1.0, position=(10, 30), flip=True, size=128)
+    composite, pasted = paste_object(
+        image, mask, plain(128), scale=1.0, position=(10, 30), flip=True, size=128, scale_of="canvas"
+    )
     pixels = np.asarray(composite).astype(int)
     assert np.all(np.abs(pixels[50, 12:40] - BLUE) <= 2)
     assert np.all(np.abs(pixels[50, 44:72] - RED) <= 2)
@@ -97,12 +105,13 @@ def test_flip_mirrors_the_object():
 
 @pytest.mark.parametrize("scale", [0.3, 0.7, 1.3])
 @pytest.mark.parametrize("angle", [0.0, 12.0])
-def test_scale_sets_the_longest_side(scale, angle):
+def test_canvas_scale_sets_the_longest_side(scale, angle):
     image, mask = two_tone_object()
     size = 100
     _, pasted = paste_object(
-        image, mask, plain(size), scale=scale, position=np.random.default_rng(0), angle=angle, size=size
-    )
+        image, mask, plain(size), scale=scale, position=np.random.default_rng(0), angle=angle, size=size,
+        scale_of="canvas",
+    )  # fmt: skip
     ys, xs = np.nonzero(pasted)
     longest = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     assert abs(longest - round(scale * BASE_FRACTION * size)) <= 1
@@ -113,7 +122,7 @@ def test_random_position_keeps_object_inside():
     image, mask = two_tone_object()
     rng = np.random.default_rng(3)
     for _ in range(20):
-        _, pasted = paste_object(image, mask, plain(64), scale=1.3, position=rng, size=64)
+        _, pasted = paste_object(image, mask, plain(64), scale=1.3, position=rng, size=64, scale_of="canvas")
         assert pasted.sum() == compute_object_side(1.3, 64) * round(40 * compute_object_side(1.3, 64) / 60)
 
 
@@ -190,3 +199,110 @@ def test_load_backgrounds_errors_name_the_folder(tmp_path):
         load_backgrounds(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_backgrounds(tmp_path / "nowhere")
+
+
+def test_object_scale_multiplies_the_objects_own_area():
+    """Oracle: pasted sides = scale x the object's sides, with the photo's shorter side fitted to the canvas."""
+    image = Image.new("RGB", (100, 80), GREY)
+    mask = np.zeros((80, 100), bool)
+    mask[30:50, 40:70] = True  # a 30 x 20 object
+    for canvas in (80, 160):
+        for scale in (0.3, 0.75, 1.0, 1.3):
+            _, pasted = paste_object(image, mask, plain(canvas), scale=scale, position=(0, 0), size=canvas)
+            factor = scale * canvas / 80
+            assert pasted.sum() == round(30 * factor) * round(20 * factor)
+    # Too large for the canvas: shrunk until its longest side is MAX_FRACTION of the canvas.
+    assert compute_pasted_size((60, 40), (90, 60), 3.0, 120, "object") == (114, 76)
+    with pytest.raises(ValueError, match="scale_of"):
+        compute_pasted_size((60, 40), (90, 60), 1.0, 120, "photo")
+
+
+@pytest.mark.parametrize("photo_side", [100, 160])
+def test_composites_scale_the_object_between_0_3_and_1_3_at_random_places(photo_side):
+    """Over many composites (the paper's recipe, the defaults): area ratio within [0.3**2, 1.3**2] and spread over
+    that range; the object lands at many different places."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(photo_side, photo_side, 3), dtype=np.uint8)
+    mask = np.zeros((photo_side, photo_side), bool)
+    mask[photo_side // 5 : photo_side // 2, photo_side // 4 : photo_side * 3 // 4] = True
+    row = masked_rows(n=1)[0] | {"image": schema.encode_png(Image.fromarray(pixels)), "mask": schema.encode_mask(mask)}
+    size = 100
+    original = mask.sum() * (size / photo_side) ** 2  # the object's area with the photo fitted to the canvas
+    ratios, corners = [], set()
+    for k in range(60):
+        out = make_composite([row], [plain(size)], k=k, seed=0, scale_range=(0.3, 1.3), size=size)
+        pasted = schema.decode_mask(out["mask"])
+        ratios.append(pasted.sum() / original)
+        ys, xs = np.nonzero(pasted)
+        corners.add((xs.min(), ys.min()))
+    slack = 0.04  # rounding each side to whole pixels
+    assert 0.3**2 - slack <= min(ratios) and max(ratios) <= 1.3**2 + slack
+    assert min(ratios) < 0.2 and max(ratios) > 1.3  # the draws use the range, not one size
+    assert len(corners) >= 50
+
+
+def _left_colour(composite: Image.Image, pasted: np.ndarray) -> np.ndarray:
+    """The colour in the middle of the pasted object's left quarter."""
+    ys, xs = np.nonzero(pasted)
+    return np.asarray(composite).astype(int)[(ys.min() + ys.max()) // 2, xs.min() + (xs.max() - xs.min()) // 4]
+
+
+def test_extra_augmentations_are_opt_in():
+    rows = masked_rows(n=1)
+    kwargs = dict(seed=0, scale_range=(0.8, 1.2), size=96)
+    plain_rows = [make_composite(rows, [plain(96)], k=k, **kwargs) for k in range(12)]
+    for out in plain_rows:  # no flip, rotation or jitter: an upright rectangle, exactly red on its left
+        image, pasted = schema.decode_image(out["image"]), schema.decode_mask(out["mask"])
+        ys, xs = np.nonzero(pasted)
+        assert pasted.sum() == (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+        assert np.abs(_left_colour(image, pasted) - RED).max() <= 1
+    extra = [make_composite(rows, [plain(96)], k=k, extra_augment=True, **kwargs) for k in range(12)]
+    decoded = [(schema.decode_image(r["image"]), schema.decode_mask(r["mask"])) for r in extra]
+    lefts = [_left_colour(image, pasted) for image, pasted in decoded]
+    assert any(np.abs(c - BLUE).sum() < np.abs(c - RED).sum() for c in lefts)  # some flipped
+    assert any(3 < np.abs(c - RED).max() < 60 for c in lefts)  # some jittered
+    boxes = [(np.ptp(np.nonzero(m)[1]) + 1) * (np.ptp(np.nonzero(m)[0]) + 1) for _, m in decoded]
+    assert any(m.sum() < 0.95 * box for (_, m), box in zip(decoded, boxes, strict=True))  # some rotated
+    assert {r["image_id"] for r in extra}.isdisjoint(r["image_id"] for r in plain_rows)
+
+
+def test_backgrounds_come_from_the_configured_folder(tmp_path):
+    """cutpaste.backgrounds_dir -> the stage's background set -> composites whose pixels away from the object are
+    exactly one of the folder's photos."""
+    from personalization.config import build_config
+    from personalization.synthesis.cutpaste import composite_options
+    from pipelines.cutpaste import _encoded_backgrounds
+
+    colours = [(250, 200, 10), (10, 200, 250)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (160, 120), colour).save(tmp_path / f"scene_{i}.jpg" if i else tmp_path / f"scene_{i}.png")
+    cfg = build_config({"cutpaste": {"backgrounds_dir": str(tmp_path), "image_size": 64}})
+    blobs, key = _encoded_backgrounds(cfg)
+    assert len(blobs) == 2 and key == f"folder:{tmp_path.resolve()}"
+    backgrounds = [schema.decode_image(b) for b in blobs]
+    used = set()
+    for k in range(10):
+        out = make_composite(
+            masked_rows(n=1), backgrounds, k=k, seed=0, backgrounds_key=key, **composite_options(cfg.cutpaste)
+        )
+        pixels, pasted = np.asarray(schema.decode_image(out["image"])).astype(int), schema.decode_mask(out["mask"])
+        away = ~np.asarray(Image.fromarray(pasted).filter(ImageFilter.MaxFilter(5)))  # beyond the 1-px feather
+        seen = {tuple(c) for c in pixels[away]}
+        match = [c for c in colours if all(np.abs(np.array(s) - c).max() <= 3 for s in seen)]  # JPEG: near
+        assert len(match) == 1
+        used.add(match[0])
+    assert used == set(colours)
+
+
+def test_cutpaste_defaults_are_the_papers_and_the_demo_keeps_its_recipe():
+    from personalization.config import CutpasteConfig, load_config
+
+    default = CutpasteConfig()
+    assert (default.scale_of, default.extra_augment, default.scale_min, default.scale_max) == (
+        "object",
+        False,
+        0.3,
+        1.3,
+    )
+    demo = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").cutpaste
+    assert (demo.scale_of, demo.extra_augment) == ("canvas", True)
