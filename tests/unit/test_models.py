@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from personalization.config import ConfigError, ModelConfig
+from personalization.config import ConfigError, ModelConfig, build_config
 from personalization.models import BACKBONES, build_encoder, build_transform, get_spec
 from personalization.models.registry import IMAGENET_MEAN, IMAGENET_STD, convert_mobilenetv2_keys
 from personalization.zoo import mobilenetv2_weights
@@ -137,3 +137,22 @@ def test_train_transform_is_random_and_sized():
     a, b = transform(image), transform(image)
     assert a.shape == b.shape == (3, 56, 56) and not torch.equal(a, b)
     assert build_transform(ModelConfig(image_size=56), train=True, size=28)(image).shape == (3, 28, 28)
+
+
+def test_crop_scale_sets_how_close_up_training_crops_get():
+    """A white square on black (1/4 of the area): crops of at least 80 % of the area always hold black and white;
+    crops down to 5 % sometimes hold only one of them (a close-up), and train.crop_scale reaches the transform."""
+    pixels = np.zeros((224, 224, 3), np.uint8)
+    pixels[56:168, 56:168] = 255
+    image = Image.fromarray(pixels)
+
+    def white_fractions(crop_scale):
+        transform = build_transform(ModelConfig(backbone="mobilenetv2", image_size=64), True, crop_scale=crop_scale)
+        torch.manual_seed(0)
+        return [float((transform(image)[0] > 0).float().mean()) for _ in range(200)]
+
+    reference, close = white_fractions(0.8), white_fractions(0.05)
+    assert 0.15 < min(reference) and max(reference) < 0.6
+    assert max(close) > 0.9 and min(close) < 0.05  # rotation fills the corners of an all-white crop with black
+    with pytest.raises(ConfigError, match="train.crop_scale"):
+        build_config({"train": {"crop_scale": 0}})
