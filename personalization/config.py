@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,8 @@ __all__ = [
     "check_not_renamed",
     "load_config",
     "parse_override",
+    "path_field",
+    "path_fields",
     "replace",
     "save_config",
     "to_dict",
@@ -46,6 +49,27 @@ __all__ = [
 GpuChoice = Literal["auto", True, False]
 
 
+def path_field(default: str = "", *, output: bool = False) -> Any:
+    """A field naming a local file or folder (or a hub id that may be one). The CLI makes a relative value absolute
+    from its working directory (Ray workers run elsewhere): an input only when it exists locally, so a hub id stays
+    as given; an ``output`` always, before it exists (pipelines/common.py: absolute_paths)."""
+    return field(default=default, metadata={"path": "output" if output else "input"})
+
+
+def path_fields(cls: type | None = None, prefix: str = "") -> dict[str, str]:
+    """{dotted key: "input" | "output"} for every :func:`path_field` of ``cls`` (default: ExperimentConfig) and
+    its sections."""
+    cls = ExperimentConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= path_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif "path" in f.metadata:
+            found[f"{prefix}{f.name}"] = f.metadata["path"]
+    return found
+
+
 def check_gpu_choice(value: object, key: str) -> None:
     require(value == "auto" or isinstance(value, bool), key, f"must be auto, true or false, got {value!r}")
 
@@ -54,7 +78,7 @@ def check_gpu_choice(value: object, key: str) -> None:
 class DataConfig:
     """Where the photos are and which instances to work on."""
 
-    root: str = ""  # dataset folder (PODS / Dogs / DF2 layout) or a plain folder of one object's photos
+    root: str = path_field()  # dataset folder (PODS / Dogs / DF2 layout) or a plain folder of one object's photos
     layout: Literal["auto", "pods", "dogs", "df2", "folder"] = "auto"
     category: str = ""  # plain-folder layout only: the object's category, e.g. "mug"
     instance_id: str = ""  # plain-folder layout only: a name for the object (default: the folder name)
@@ -72,13 +96,23 @@ class DataConfig:
         if self.root:
             require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
 
+    def require_root(self) -> Path:
+        """``root``, for the commands that read the dataset (ingest; run and sweep before any work); the other
+        stages read OUT/ingest and need none."""
+        require(
+            bool(self.root),
+            "data.root",
+            "pass data.root=DIR (a dataset folder, e.g. PODS layout, or a folder of your object's photos)",
+        )
+        return Path(self.root)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The vision backbone to personalize, and its LoRA."""
 
     backbone: str = "dinov2_vitb14"  # a registry name: dinov2_vitb14, clip_vitb16, mae_vitb16, mobilenetv2
-    weights: str = ""  # HF id or local folder; empty = the registry's default for the backbone
+    weights: str = path_field()  # HF id or local folder; empty = the registry's default for the backbone
     image_size: int = 224
     eval_feature: Literal["cls", "cls+mean"] = "cls"
     lora_r: int = 16
@@ -88,6 +122,9 @@ class ModelConfig:
     train_blocks: int = 0  # CNN backbones: also train the last N blocks in full (0 = LoRA only)
 
     def validate(self) -> None:
+        from personalization.models.registry import BACKBONES  # here, not at the top: the registry needs torch
+
+        require(self.backbone in BACKBONES, "model.backbone", f"{self.backbone!r} is not one of {sorted(BACKBONES)}")
         check_positive(self.image_size, "model.image_size")
         check_positive(self.lora_r, "model.lora_r")
         check_positive(self.lora_alpha, "model.lora_alpha")
@@ -101,7 +138,7 @@ class CutpasteConfig:
 
     enabled: bool = True
     images_per_instance: int = 100
-    backgrounds_dir: str = ""  # folder of background photos; empty = procedurally made backgrounds
+    backgrounds_dir: str = path_field()  # folder of background photos; empty = procedurally made backgrounds
     scale_min: float = 0.3
     scale_max: float = 1.3
     # object: the scale multiplies the object's size in its photo (paper); canvas: 1.0 = half the canvas side
@@ -133,7 +170,7 @@ class DreamboothConfig:
     """Personalizing Stable Diffusion on an instance's photos."""
 
     enabled: bool = False
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # HF id or local diffusers folder
+    base_model: str = path_field("stable-diffusion-v1-5/stable-diffusion-v1-5")  # HF id or local diffusers folder
     mode: Literal["full", "lora"] = "full"
     masked: bool = True
     steps: int = 400
@@ -186,7 +223,7 @@ class GenerateConfig:
     positives_per_instance: int = 450
     negatives_per_category: int = 1000
     max_attempts: int = 5000
-    prompts_file: str = ""  # JSON {instance_id: [prompts]}; empty = the built-in prompt bank
+    prompts_file: str = path_field()  # JSON {instance_id: [prompts]}; empty = the built-in prompt bank
     num_prompts: int = 100
     guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0, compared with 4.0 / 7.5); was generate.cfg
     steps: int = 50
@@ -233,11 +270,15 @@ class FilterConfig:
 
     enabled: bool = True
     dreamsim_type: str = "ensemble"
-    cache_dir: str = "./models/dreamsim"
+    cache_dir: str = path_field("./models/dreamsim")  # the DreamSim checkpoints (filtering/embedders.py)
+    # A generated positive whose score (mean cosine similarity of its DreamSim embedding to the real photos') is
+    # below this is left out when train reads it; an unscored one is kept. Every scored row stays on disk, so a new
+    # threshold retrains without regenerating; generate compares with it only to know when to stop sampling.
+    # The one rule: personalization/contrastive/data.py, read_positives.
     threshold: float = 0.6
     # auto = sam (the paper's PerSAM-style masking) when sam_weights is set, else patch (a logged fallback)
     masker: Literal["auto", "none", "patch", "sam"] = "auto"
-    sam_weights: str = ""  # HF id (facebook/sam-vit-base) or local folder of a SAM checkpoint
+    sam_weights: str = path_field()  # HF id (facebook/sam-vit-base) or local folder of a SAM checkpoint
     num_actors: int = 1
     batch_size: int = 16
     use_gpu: GpuChoice = "auto"  # the DreamSim scorers, a quarter GPU each, in generate and filter (see GpuChoice)
@@ -269,7 +310,7 @@ class TrainConfig:
     # auto = generated when generation is on, else the dataset's val instances of the category, else
     # negatives_dir, else the stock photos when stock_negatives (pipelines/train.py: resolve_negatives).
     negatives: Literal["auto", "val", "folder", "generated", "stock"] = "auto"
-    negatives_dir: str = ""  # photos that do not show the object (<category>_negatives/ inside, or flat)
+    negatives_dir: str = path_field()  # photos that do not show the object (<category>_negatives/ inside, or flat)
     stock_negatives: bool = False  # let auto fall back to generic real photos shipped with scikit-image
     learning_rate: float = 3e-4
     beta1: float = 0.5
@@ -389,7 +430,7 @@ class FindConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
-    output_dir: str = "outputs/experiment"
+    output_dir: str = path_field("outputs/experiment", output=True)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -403,8 +444,31 @@ class ExperimentConfig:
     find: FindConfig = field(default_factory=FindConfig)
 
     def validate(self) -> None:
+        """The rules that join sections (each section has checked its own values already)."""
         require(bool(self.output_dir), "output_dir", "pass output_dir=DIR")
         require(bool(self.name), "name", "give the experiment a name")
+        for source in self.train.positive_sources:
+            self._check_positive_source(source)
+        generates_negatives = self.generate.enabled and self.generate.negatives_per_category > 0
+        if self.train.negatives == "generated" and not generates_negatives:
+            raise ConfigError(
+                "train.negatives=generated needs generate.enabled=true and generate.negatives_per_category > 0 "
+                "(or train.negatives=auto / val / folder / stock)"
+            )
+
+    def _check_positive_source(self, source: str) -> None:
+        if source == "cutpaste" and not self.cutpaste.enabled:
+            raise ConfigError("train.positive_sources has cutpaste but cutpaste.enabled=false: enable it or drop it")
+        if source not in ("dreambooth", "masked_dreambooth"):
+            return
+        if not self.generate.enabled:
+            raise ConfigError(f"train.positive_sources has {source} but generate.enabled=false: enable generation")
+        made = "masked_dreambooth" if self.dreambooth.masked else "dreambooth"
+        if source != made:
+            raise ConfigError(
+                f"train.positive_sources has {source} but dreambooth.masked={self.dreambooth.masked} makes {made} "
+                "images: make them agree"
+            )
 
 
 # Building from layers

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from personalization.config import ConfigError, ExperimentConfig, load_config, replace, to_dict
+from personalization.config import ConfigError, ExperimentConfig, load_config, path_fields, replace, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.output_lock import hold_output_lock
 from personalization.paths import inside
@@ -69,28 +70,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return absolute_paths(load_config(args.config, args.overrides))
 
 
-# Fields that name local files or folders. Ray workers run in other working directories, so the driver resolves
-# relative paths once; values that are not local paths (Hugging Face ids such as facebook/dinov2-base) stay as given.
-_PATH_FIELDS = (
-    "output_dir",
-    "data.root",
-    "model.weights",
-    "dreambooth.base_model",
-    "filter.cache_dir",
-    "filter.sam_weights",
-    "cutpaste.backgrounds_dir",
-    "train.negatives_dir",
-    "generate.prompts_file",
-)
-
-
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config with every relative local path made absolute (from this process's working directory)."""
+    """The config with every relative local path made absolute (from this process's working directory): Ray workers
+    run in other working directories. The fields are those marked ``path_field`` in personalization/config.py; an
+    input that does not exist here (a Hugging Face id such as facebook/dinov2-base) stays as given."""
     changes = {}
-    for key in _PATH_FIELDS:
-        section, _, name = key.rpartition(".")
-        value = getattr(getattr(cfg, section) if section else cfg, name)
-        if value and not os.path.isabs(value) and (key == "output_dir" or os.path.exists(value)):
+    for key, kind in path_fields().items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value and not os.path.isabs(value) and (kind == "output" or os.path.exists(value)):
             changes[key] = os.path.abspath(value)
     return replace(cfg, **changes) if changes else cfg
 

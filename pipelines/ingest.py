@@ -49,9 +49,7 @@ BATCH_ROWS = ROW_GROUP_ROWS  # rows per Parquet row group: bounds memory on larg
 def ingest_config(cfg: ExperimentConfig) -> dict:
     """What the ingest output depends on (its hash decides whether the stage is redone)."""
     data = cfg.data
-    if not data.root:
-        raise DatasetError("data.root is empty; pass data.root=DIR (a dataset folder or a folder of photos)")
-    root = Path(data.root)
+    root = data.require_root()
     layout = detect_layout(root, data.layout)
     return {
         "root": str(root.resolve()),

@@ -38,7 +38,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "images_accepted": (
         "personalize_images_accepted",
         "counter",
-        "Generated images kept: filter score >= threshold (every image when the stage does not filter)",
+        "Generated images the filter accepts: score >= filter.threshold (every image when the stage does not filter)",
     ),
     "filter_acceptance_rate": (
         "personalize_filter_acceptance_rate",

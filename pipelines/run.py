@@ -39,24 +39,9 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], 
 
 
 def check_before_start(cfg: ExperimentConfig) -> None:
-    """Fail on what would only fail later, before any expensive work."""
-    from personalization.models import BACKBONES
-
-    if not cfg.data.root:
-        raise UserError("data.root: pass data.root=DIR (a PODS-layout dataset or a folder of your object's photos)")
-    if cfg.model.backbone not in BACKBONES:
-        raise UserError(f"model.backbone: {cfg.model.backbone!r} is not one of {sorted(BACKBONES)}")
-    for source in cfg.train.positive_sources:
-        if source == "cutpaste" and not cfg.cutpaste.enabled:
-            raise UserError("train.positive_sources has cutpaste but cutpaste.enabled=false: enable it or drop it")
-        if source in ("dreambooth", "masked_dreambooth"):
-            if not cfg.generate.enabled:
-                raise UserError(f"train.positive_sources has {source} but generate.enabled=false: enable generation")
-            if (source == "masked_dreambooth") != cfg.dreambooth.masked:
-                raise UserError(
-                    f"train.positive_sources has {source} but dreambooth.masked={cfg.dreambooth.masked} makes "
-                    f"{'masked_dreambooth' if cfg.dreambooth.masked else 'dreambooth'} images: make them agree"
-                )
+    """Fail on what only the dataset can tell, before any expensive work. The config's own rules, cross-section
+    ones included, were checked when it was built (``ExperimentConfig.validate``), for every command."""
+    cfg.data.require_root()
     from pipelines.train import resolve_negatives
 
     resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage

@@ -87,9 +87,7 @@ def resolve_negatives(
     :func:`personalization.contrastive.negatives.choose_negatives`; a UserError naming the fixes when nothing
     applies). The one place train, `personalize run`'s check and the sweep resolve it."""
     instances = dataset_instances(cfg) if instances is None else instances
-    if not instances:  # nothing to judge by yet (ingest reports the dataset's problems); explicit modes checked
-        if cfg.train.negatives != "auto":
-            choose_negatives(cfg.train, cfg.generate, {}, ())
+    if not instances:  # nothing to judge by yet (ingest reports the dataset's problems; the config its own)
         return cfg
     selected = common.select_instances(cfg, instances) if selected is None else selected
     mode = choose_negatives(cfg.train, cfg.generate, instances, selected)

@@ -64,14 +64,9 @@ def choose_negatives(
     """The concrete ``train.negatives`` mode for training ``selected`` (see the module docstring).
 
     ``instances``: ``{instance_id: {"category", "split"}}`` of the dataset (``instances.json``). An explicit mode
-    is returned as given (``generated`` without generation is an error here too).
+    is returned as given (the config refused ``generated`` without generation when it was built).
     """
     generates = generate_cfg.enabled and generate_cfg.negatives_per_category > 0
-    if train_cfg.negatives == "generated" and not generates:
-        raise UserError(
-            "train.negatives=generated needs generate.enabled=true and generate.negatives_per_category > 0 "
-            "(or train.negatives=auto / val / folder / stock)"
-        )
     if train_cfg.negatives != "auto":
         return train_cfg.negatives
     if generates:

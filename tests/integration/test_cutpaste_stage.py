@@ -142,7 +142,8 @@ def test_missing_ingest_is_a_clear_error(tmp_path):
 
 def test_disabled_stage_commits_an_empty_table(tmp_path):
     write_ingest(tmp_path)
-    cfg = build_config({"output_dir": str(tmp_path), "data": {"instances": ["shoe_x"]}, "cutpaste": {"enabled": False}})
+    cfg = build_config({"output_dir": str(tmp_path), "data": {"instances": ["shoe_x"]}, "cutpaste": {"enabled": False},
+                        "train": {"positive_sources": ["real"]}})  # fmt: skip
     out = cutpaste.run(cfg)
     assert read_manifest(out / "shoe_x")["rows"] == 0 and schema.read_image_table(out).num_rows == 0
 

@@ -167,7 +167,9 @@ def test_bad_input_fails_before_training(upstream, tmp_path):
     with pytest.raises(FileNotFoundError, match="personalize ingest"):
         train.run(build_config({"output_dir": str(tmp_path / "empty")}))
     # Only the val instances have composites: the test instance has no synthetic positives.
-    cfg = _cfg(upstream, positive_sources=["dreambooth"])
+    cfg = build_config({"output_dir": str(upstream), "dreambooth": {"masked": False},
+                        "generate": {"enabled": True, "negatives_per_category": 0},
+                        "train": {"positive_sources": ["dreambooth"]}})  # fmt: skip
     (upstream / "generate").mkdir()
     with pytest.raises(TripletError, match="no synthetic positives for instance mug_1"):
         train.run(cfg)
@@ -231,7 +233,8 @@ def test_rows_are_read_per_instance_with_pushdown(four_mugs):
     from personalization.schema import read_image_table
 
     out, instances = four_mugs
-    cfg = build_config({"output_dir": str(out), "generate": {"enabled": True, "negatives_per_category": 8},
+    cfg = build_config({"output_dir": str(out), "dreambooth": {"masked": False},
+                        "generate": {"enabled": True, "negatives_per_category": 8},
                         "filter": {"threshold": 0.5}, "train": {"negatives": "generated", "num_triplets": 8,
                         "positive_sources": ["cutpaste", "dreambooth"]}})  # fmt: skip
     inputs = train.stage_inputs(cfg)
