@@ -12,10 +12,12 @@ Loss for one step, with latents z0 (B, 4, h, w), noise e, timestep t, prediction
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +27,11 @@ from PIL import Image
 
 from personalization.errors import UserError
 from personalization.paths import looks_local
+from personalization.synthesis.generators import AUTO, PERSONALIZED_FILE, GeneratorSpec, find_generator
 from personalization.synthesis.prompts import TOKEN
 
 log = logging.getLogger(__name__)
 MASK_FLOOR = 0.01
-
-
-PERSONALIZED_FILE = "personalized_generator.json"  # full mode: {base_model, components, dtype}
 
 
 class DreamboothError(UserError):
@@ -111,13 +111,14 @@ def generate_class_images(
     seed: int = 0,
     batch_size: int = 4,
     device: str | None = None,
+    generator_type: str = AUTO,
 ) -> list[Image.Image]:
-    """``n`` images of ``a photo of {category}`` from the pretrained generator (seeds ``seed .. seed+n-1``)."""
-    from diffusers import StableDiffusionPipeline
-
+    """``n`` images of ``a photo of {category}`` from the pretrained generator (seeds ``seed .. seed+n-1``);
+    ``generator_type``: a GENERATORS name, or auto (detected from ``base_model``)."""
     dev = _device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(check_generator_dir(base_model), dtype=dtype).to(dev)
+    spec = find_generator(check_generator_dir(base_model), generator_type)
+    pipe = spec.load_pipeline(check_generator_dir(base_model), dtype=dtype).to(dev)
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     for start in range(0, n, batch_size):
@@ -155,16 +156,50 @@ def _optimizer(params: list, learning_rate: float, use_8bit_adam: bool, device: 
     return bnb.optim.AdamW8bit(params, lr=learning_rate)
 
 
+@dataclass(frozen=True)
+class DreamboothSettings:
+    """How one DreamBooth run trains; :meth:`from_config` takes them from the ``dreambooth`` config section.
+
+    mode="full": UNet (+ the text encoders when ``train_text_encoder``) trained and saved in half precision beside
+    a reference to the base model (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
+    on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
+    the text encoders stay frozen in LoRA mode. ``masked``: weight the instance loss by the photos' masks.
+    Mixed precision (autocast, fp16 with a grad scaler) and 8-bit Adam (``use_8bit_adam``: bitsandbytes, an error
+    when it is not installed) apply on CUDA only; CPU runs in fp32 with torch AdamW. ``generator_type``: a GENERATORS
+    name, or auto (detected from the base model). ``device``: None = CUDA when there is one.
+    """
+
+    mode: str = "full"
+    steps: int = 400
+    learning_rate: float = 2e-6
+    batch_size: int = 1
+    resolution: int = 512
+    masked: bool = False
+    prior_weight: float = 1.0
+    train_text_encoder: bool = True
+    lora_rank: int = 16
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "fp16"
+    use_8bit_adam: bool = False
+    seed: int = 0
+    generator_type: str = AUTO
+    device: str | None = None
+
+    @classmethod
+    def from_config(cls, section, seed: int = 0, **changes) -> DreamboothSettings:
+        """From a ``DreamboothConfig`` (its learning rate resolved for the mode), plus ``changes``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"learning_rate", "seed", "device"}
+        values = {name: getattr(section, name) for name in names}
+        return cls(**values, learning_rate=section.effective_learning_rate, seed=seed).replace(**changes)
+
+    def replace(self, **changes) -> DreamboothSettings:
+        return dataclasses.replace(self, **changes)
+
+
 class DreamboothRun:
     """One DreamBooth fine-tune, in three parts: set up (``__init__``), :meth:`step`, :meth:`save`; plus
     :meth:`state_dict` / :meth:`load_state_dict` so a run killed mid-way resumes from a checkpoint, step for step.
-
-    mode="full": UNet (+ text encoder when ``train_text_encoder``) trained and saved in half precision beside a
-    reference to ``base_model`` (:func:`load_personalized_pipeline`). mode="lora": a LoRA of rank ``lora_rank``
-    on the UNet attention, saved as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
-    the text encoder stays frozen in LoRA mode. Mixed precision (autocast, fp16 with a grad scaler) and 8-bit
-    Adam (``use_8bit_adam``: bitsandbytes, an error when it is not installed) apply on CUDA only; CPU runs in
-    fp32 with torch AdamW.
+    ``settings`` (:class:`DreamboothSettings`) say how; ``settings.steps`` is left to the caller's loop.
     """
 
     def __init__(
@@ -172,80 +207,78 @@ class DreamboothRun:
         base_model: str | Path,
         images: Sequence[Image.Image],
         category: str,
+        settings: DreamboothSettings = DreamboothSettings(),
         *,
         masks: Sequence[np.ndarray] | None = None,
-        masked: bool = False,
         class_images: Sequence[Image.Image] = (),
-        prior_weight: float = 1.0,
-        mode: str = "full",
-        learning_rate: float = 2e-6,
-        batch_size: int = 1,
-        resolution: int = 512,
-        train_text_encoder: bool = True,
-        lora_rank: int = 16,
-        gradient_checkpointing: bool = True,
-        mixed_precision: str = "fp16",
-        use_8bit_adam: bool = False,
-        seed: int = 0,
-        device: str | None = None,
     ):
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-        if mode not in ("full", "lora"):
-            raise DreamboothError(f"mode={mode!r}: use 'full' or 'lora'")
+        s = self.settings = settings
+        if s.mode not in ("full", "lora"):
+            raise DreamboothError(f"mode={s.mode!r}: use 'full' or 'lora'")
         if not images:
             raise DreamboothError("train_dreambooth: no instance images given")
-        if masked and (masks is None or len(masks) != len(images) or any(m is None for m in masks)):
+        if s.masked and (masks is None or len(masks) != len(images) or any(m is None for m in masks)):
             raise DreamboothError("masked DreamBooth needs one mask per instance image; give masks or set masked=False")
-        self.base_model, self.category, self.mode, self.batch_size = base_model, category, mode, batch_size
-        self.prior_weight, self.n_images = prior_weight, len(images)
-        dev = self.device = _device(device)
-        self.amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if dev.type == "cuda" else None
-        torch.manual_seed(seed)
-        pipe = self.pipe = StableDiffusionPipeline.from_pretrained(check_generator_dir(base_model), safety_checker=None)
+        self.base_model, self.category, self.mode, self.batch_size = base_model, category, s.mode, s.batch_size
+        self.prior_weight, self.n_images = s.prior_weight, len(images)
+        dev = self.device = _device(s.device)
+        amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
+        self.amp = amp if dev.type == "cuda" else None
+        torch.manual_seed(s.seed)
+        self.spec = find_generator(check_generator_dir(base_model), s.generator_type)
+        self.pipe = self.spec.load_pipeline(check_generator_dir(base_model), **self.spec.no_safety_checker)
+        self.tune_text = s.train_text_encoder and s.mode == "full"
+        self._set_up_models()
+        self.trainable = {"unet": self.pipe.unet} | (self.text_encoders if self.tune_text else {})
+        params = [p for module in self.trainable.values() for p in module.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(params, s.learning_rate, s.use_8bit_adam, dev)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
+        self.pixels = _to_pixels(images, s.resolution).to(dev)
+        self.mask_pixels = _to_masks(masks, s.resolution).to(dev) if s.masked else None
+        use_prior = class_images and s.prior_weight > 0
+        self.class_pixels = _to_pixels(class_images, s.resolution).to(dev) if use_prior else None
+        self.rng = torch.Generator().manual_seed(s.seed)
+        self.step_index, self.losses = 0, []
+        self.pipe.unet.train()
+        for encoder in self.text_encoders.values():
+            encoder.train(self.tune_text)
+
+    def _set_up_models(self) -> None:
+        """Devices, what trains (UNet, its LoRA, the text encoders) and gradient checkpointing."""
+        from diffusers import DDPMScheduler
+
+        pipe, s, dev = self.pipe, self.settings, self.device
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         pipe.vae.requires_grad_(False).to(dev)
         pipe.unet.to(dev)
-        pipe.text_encoder.to(dev)
-        self.tune_text = train_text_encoder and mode == "full"
-        pipe.text_encoder.requires_grad_(self.tune_text)
-        if mode == "lora":
+        self.text_encoders = {name: getattr(pipe, name) for name in self.spec.text_encoders}
+        for encoder in self.text_encoders.values():
+            encoder.to(dev).requires_grad_(self.tune_text)
+        if s.mode == "lora":
             from peft import LoraConfig
 
             pipe.unet.requires_grad_(False)
             pipe.unet.add_adapter(
                 LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_rank,
+                    r=s.lora_rank,
+                    lora_alpha=s.lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                    target_modules=list(self.spec.lora_targets),
                 )
             )
-        if gradient_checkpointing:
+        if s.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
-            if self.tune_text:
-                enable = getattr(pipe.text_encoder, "activation_checkpointing_enable", None)  # transformers >= 5
-                (enable or pipe.text_encoder.gradient_checkpointing_enable)()
-        self.trainable = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if self.tune_text else {})
-        params = [p for module in self.trainable.values() for p in module.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(params, learning_rate, use_8bit_adam, dev)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
-        self.pixels = _to_pixels(images, resolution).to(dev)
-        self.mask_pixels = _to_masks(masks, resolution).to(dev) if masked else None
-        use_prior = class_images and prior_weight > 0
-        self.class_pixels = _to_pixels(class_images, resolution).to(dev) if use_prior else None
-        self.rng = torch.Generator().manual_seed(seed)
-        self.step_index, self.losses = 0, []
-        pipe.unet.train()
-        pipe.text_encoder.train(self.tune_text)
+            for encoder in self.text_encoders.values() if self.tune_text else ():
+                enable = getattr(encoder, "activation_checkpointing_enable", None)  # transformers >= 5
+                (enable or encoder.gradient_checkpointing_enable)()
 
-    def _encode_text(self, prompt: str, n: int) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(
-            [prompt] * n, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
-        return self.pipe.text_encoder(ids)[0]
+    def _conditioning(self, size: int, n_class: int) -> dict:
+        """The UNet's keyword arguments for ``size`` instance prompts followed by ``n_class`` class prompts."""
+        spec, resolution = self.spec, self.settings.resolution
+        prompts = [[instance_prompt(self.category)] * size]
+        if n_class:
+            prompts.append([class_prompt(self.category)] * n_class)
+        return _concat([spec.unet_conditioning(self.pipe, p, self.device, resolution) for p in prompts])
 
     def step(self) -> float:
         """One optimisation step; returns its loss."""
@@ -265,11 +298,7 @@ class DreamboothRun:
             steps = self.noise_scheduler.config.num_train_timesteps
             t = torch.randint(0, steps, (latents.shape[0],), device=dev)
             noisy = self.noise_scheduler.add_noise(latents, noise, t)
-            text = torch.cat(
-                [self._encode_text(instance_prompt(self.category), size)]
-                + ([self._encode_text(class_prompt(self.category), n_class)] if n_class else [])
-            )
-            pred = self.pipe.unet(noisy, t, text).sample
+            pred = self.pipe.unet(noisy, t, **self._conditioning(size, n_class)).sample
             target = noise
             if self.noise_scheduler.config.prediction_type == "v_prediction":
                 target = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -327,8 +356,16 @@ class DreamboothRun:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def save(self, out_dir: str | Path) -> Path:
-        components = ("unet", "text_encoder") if self.tune_text else ("unet",)
-        return save_dreambooth(self.pipe, out_dir, self.mode, self.base_model, components)
+        return save_dreambooth(self.pipe, out_dir, self.mode, self.base_model, tuple(self.trainable), self.spec)
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Dicts of (N, ...) tensors (or of such dicts) joined along the batch, key by key."""
+    first = parts[0]
+    return {
+        key: _concat([p[key] for p in parts]) if isinstance(first[key], dict) else torch.cat([p[key] for p in parts])
+        for key in first
+    }
 
 
 def train_dreambooth(
@@ -336,22 +373,26 @@ def train_dreambooth(
     images: Sequence[Image.Image],
     category: str,
     out_dir: str | Path,
+    settings: DreamboothSettings | None = None,
     *,
-    steps: int = 400,
+    masks: Sequence[np.ndarray] | None = None,
+    class_images: Sequence[Image.Image] = (),
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[dict], None] | None = None,
     resume: dict | None = None,
-    **settings,
+    **changes,
 ) -> dict:
-    """Fine-tune ``base_model`` on ``images`` for ``steps`` steps and save the result in ``out_dir``
-    (:class:`DreamboothRun` for the settings). Every ``checkpoint_every`` steps ``on_checkpoint(state)`` gets the
-    run's :meth:`DreamboothRun.state_dict`; ``resume`` (such a state) continues from it.
-    Returns ``{"losses": [...], "mode": mode, "path": str(out_dir)}``.
+    """Fine-tune ``base_model`` on ``images`` for ``settings.steps`` steps and save the result in ``out_dir``.
+
+    ``settings``: a :class:`DreamboothSettings` (default: its defaults), with ``changes`` (its field names) on top.
+    Every ``checkpoint_every`` steps ``on_checkpoint(state)`` gets the run's :meth:`DreamboothRun.state_dict`;
+    ``resume`` (such a state) continues from it. Returns ``{"losses": [...], "mode": mode, "path": str(out_dir)}``.
     """
-    run = DreamboothRun(base_model, images, category, **settings)
+    settings = (settings or DreamboothSettings()).replace(**changes)
+    run = DreamboothRun(base_model, images, category, settings, masks=masks, class_images=class_images)
     if resume is not None:
         run.load_state_dict(resume)
-    while run.step_index < steps:
+    while run.step_index < settings.steps:
         run.step()
         if on_checkpoint is not None and checkpoint_every and run.step_index % checkpoint_every == 0:
             on_checkpoint(run.state_dict())
@@ -359,25 +400,30 @@ def train_dreambooth(
     return {"losses": run.losses, "mode": run.mode, "path": str(out_dir)}
 
 
-def save_dreambooth(pipe, out_dir: str | Path, mode: str, base_model: str | Path = "", components=("unet",)) -> Path:
+def save_dreambooth(
+    pipe,
+    out_dir: str | Path,
+    mode: str,
+    base_model: str | Path = "",
+    components: Sequence[str] = ("unet",),
+    spec: GeneratorSpec | None = None,
+) -> Path:
     """Save only what was trained; the frozen rest is referenced by ``base_model``, never copied.
 
-    LoRA: the UNet adapter in the diffusers LoRA format (``pipe.load_lora_weights(out_dir)``). Full: each trained
-    component (``unet``, ``text_encoder``) as a half-precision diffusers/transformers subfolder plus
-    ``personalized_generator.json`` naming the base; :func:`load_personalized_pipeline` puts them together (about
-    1.9 GB per object for SD 1.5 instead of a 4 GB fp32 copy of the whole pipeline).
+    LoRA: the UNet adapter in the diffusers LoRA format (``spec.save_lora``; ``pipe.load_lora_weights(out_dir)``
+    loads it). Full: each trained component (``unet``, the text encoders) as a half-precision
+    diffusers/transformers subfolder plus ``personalized_generator.json`` naming the base;
+    :func:`load_personalized_pipeline` puts them together (about 1.9 GB per object for SD 1.5 instead of a 4 GB
+    fp32 copy of the whole pipeline). ``spec``: the generator (default: detected from ``base_model``).
     """
+    spec = spec or find_generator(base_model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.unet.eval()
-    pipe.text_encoder.eval()
+    for name in spec.text_encoders:
+        getattr(pipe, name).eval()
     if mode == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        spec.save_lora(pipe, out_dir)
         return out_dir
     for name in components:
         getattr(pipe, name).to("cpu", torch.float16).save_pretrained(out_dir / name, safe_serialization=True)
@@ -390,18 +436,28 @@ def is_personalized_folder(path: str | Path) -> bool:
     return (Path(path) / PERSONALIZED_FILE).is_file()
 
 
-def load_personalized_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
-    """A full-mode DreamBooth output as a ``StableDiffusionPipeline``: the base model with the trained components
-    of ``folder`` in place of its own."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
+def load_personalized_pipeline(
+    folder: str | Path, dtype: torch.dtype = torch.float32, spec: GeneratorSpec | None = None, **kwargs
+):
+    """A full-mode DreamBooth output as its generator's pipeline: the base model with the trained components of
+    ``folder`` in place of its own. ``spec``: the generator (default: detected from the base model)."""
     folder = Path(folder)
     meta = json.loads((folder / PERSONALIZED_FILE).read_text())
-    classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
-    parts = {name: classes[name].from_pretrained(folder / name, dtype=dtype) for name in meta["components"]}
+    parts = {name: _load_component(folder / name, dtype) for name in meta["components"]}
     try:
         base = check_generator_dir(meta["base_model"])
     except DreamboothError as error:
         raise DreamboothError(f"{folder}: its base model is gone ({error}); restore it or re-run dreambooth") from None
-    return StableDiffusionPipeline.from_pretrained(base, dtype=dtype, **parts, **kwargs)
+    return (spec or find_generator(base)).load_pipeline(base, dtype=dtype, **parts, **kwargs)
+
+
+def _load_component(folder: Path, dtype: torch.dtype):
+    """A saved diffusers model (its config's ``_class_name``) or transformers model (``architectures``)."""
+    config = json.loads((folder / "config.json").read_text())
+    if "_class_name" in config:
+        import diffusers
+
+        return getattr(diffusers, config["_class_name"]).from_pretrained(folder, dtype=dtype)
+    import transformers
+
+    return getattr(transformers, config["architectures"][0]).from_pretrained(folder, dtype=dtype)

@@ -4,7 +4,9 @@
 once in ``__init__`` and, for a batch of rows (instance_id, category, prompt, seed, cfg, generator, role, source),
 returns the image-table columns with PNG bytes. A *generator* is either a diffusers folder (the pretrained or a
 fully fine-tuned model) or a LoRA folder (``pytorch_lora_weights.safetensors``) applied on ``base_model``; LoRA
-generators are swapped as named adapters on one pipeline instead of reloading it.
+generators are swapped as named adapters on one pipeline instead of reloading it. How a pipeline loads and takes a
+LoRA is its generator type's (``GENERATORS``, personalization/synthesis/generators.py), detected from ``base_model``
+or named by ``generator_type``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from personalization.artifacts import read_manifest
 from personalization.errors import UserError
 from personalization.schema import encode_png, make_image_id
 from personalization.synthesis.dreambooth import PERSONALIZED_FILE, is_personalized_folder, load_personalized_pipeline
+from personalization.synthesis.generators import AUTO, find_generator
 
 log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -114,14 +117,16 @@ def _dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ImageSampler:
     """Callable: batch of generation rows (dict of numpy arrays) -> image-table columns (dict of numpy arrays).
 
-    ``base_model``: the diffusers folder / HF id LoRA generators apply to. ``steps``, ``image_size``,
-    ``scheduler`` (dpm, ddim, ddpm, euler, pndm) are shared by all rows; seed and cfg come per row.
+    ``base_model``: the diffusers folder / HF id LoRA generators apply to. ``generator_type``: its GENERATORS
+    name, or auto (detected from ``base_model``). ``steps``, ``image_size``, ``scheduler`` (dpm, ddim, ddpm,
+    euler, pndm) are shared by all rows; seed and cfg come per row.
     """
 
     def __init__(
         self,
         base_model: str,
         *,
+        generator_type: str = AUTO,
         steps: int = 50,
         image_size: int = 512,
         scheduler: str = "dpm",
@@ -132,6 +137,7 @@ class ImageSampler:
         if scheduler not in SCHEDULERS:
             raise SamplerError(f"scheduler={scheduler!r}: use one of {sorted(SCHEDULERS)}")
         self.base_model = check_generator(base_model)
+        self.spec = find_generator(self.base_model, generator_type)
         self.steps, self.image_size, self.scheduler = steps, image_size, scheduler
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _dtype(dtype, self.device)
@@ -146,10 +152,12 @@ class ImageSampler:
             self._pipes.move_to_end(folder)
             return self._pipes[folder]
         import diffusers
-        from diffusers import StableDiffusionPipeline
 
-        load = load_personalized_pipeline if is_personalized_folder(folder) else StableDiffusionPipeline.from_pretrained
-        pipe = load(folder, dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        spec, options = self.spec, self.spec.no_safety_checker
+        if is_personalized_folder(folder):
+            pipe = load_personalized_pipeline(folder, dtype=self.dtype, spec=spec, **options)
+        else:
+            pipe = spec.load_pipeline(folder, dtype=self.dtype, **options)
         scheduler_cls = getattr(diffusers, SCHEDULERS[self.scheduler])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -172,7 +180,7 @@ class ImageSampler:
         pipe = self._pipeline(self.base_model)
         if generator not in self._adapters:
             name = f"g{len(self._adapters)}"
-            pipe.load_lora_weights(generator, adapter_name=name)
+            self.spec.load_lora(pipe, generator, name)
             self._adapters[generator] = name
         pipe.enable_lora()
         pipe.set_adapters([self._adapters[generator]])
