@@ -307,6 +307,9 @@ class TrainConfig:
     num_negatives: int = 0  # negatives to sample from; 0 = all
     num_pairs: int = 0  # distinct anchor-positive pairs; 0 = unconstrained
     positive_sources: tuple[str, ...] = ("cutpaste",)  # cutpaste, dreambooth, masked_dreambooth, real
+    # Each positive source's share of the anchor-positive pairs, e.g. {real: 1, cutpaste: 3} (one weight per entry of
+    # positive_sources); empty = every positive in one pool, drawn uniformly (the plain union)
+    source_weights: dict[str, float] = field(default_factory=dict)
     # auto = generated when generation is on, else the dataset's val instances of the category, else
     # negatives_dir, else the stock photos when stock_negatives (pipelines/train.py: resolve_negatives).
     negatives: Literal["auto", "val", "folder", "generated", "stock"] = "auto"
@@ -351,6 +354,7 @@ class TrainConfig:
         require(bool(self.positive_sources), "train.positive_sources", f"name at least one of {allowed}")
         for source in self.positive_sources:
             require(source in allowed, "train.positive_sources", f"{source!r} is not one of {allowed}")
+        self._validate_source_weights()
         if self.negatives == "folder":
             require(
                 bool(self.negatives_dir) and Path(self.negatives_dir).is_dir(),
@@ -363,6 +367,22 @@ class TrainConfig:
                 "train.negatives_dir",
                 f"{self.negatives_dir} is not a folder; point it at photos that do not show your object",
             )
+
+    def _validate_source_weights(self) -> None:
+        weights = self.source_weights
+        if not weights:
+            return
+        require(
+            set(weights) == set(self.positive_sources),
+            "train.source_weights",
+            f"give one weight to each of train.positive_sources {list(self.positive_sources)} and to no other "
+            f"source, got {weights}",
+        )
+        require(
+            all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+            "train.source_weights",
+            f"weights must be >= 0 and not all 0, got {weights}",
+        )
 
 
 @dataclass(frozen=True)

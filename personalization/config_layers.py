@@ -87,6 +87,15 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             value = [v for v in value.split(",") if v] if value else []
         require(isinstance(value, list | tuple), key, f"must be a list, got {value!r}")
         return tuple(_check_value(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        value = _literal_text(value, False)
+        value = {} if value == "" else value  # `key=` on the command line: empty
+        require(isinstance(value, dict), key, f"must be a mapping such as {{name: value}}, got {value!r}")
+        return {
+            _check_value(k, key_type, f"{key} (a key)"): _check_value(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union annotation for {key}")
     value = _literal_text(value, annotation is str)

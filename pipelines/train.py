@@ -179,6 +179,7 @@ def plan_triplets(cfg: ExperimentConfig, instance_id: str, instances: dict[str, 
         rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
         num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
         num_pairs=cfg.train.num_pairs, seed=cfg.seed, instance_id=instance_id,
+        positive_groups=rows.positive_ids_by_source, source_weights=cfg.train.source_weights,
     )  # fmt: skip
 
 

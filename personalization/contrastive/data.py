@@ -22,7 +22,7 @@ one place ``filter.threshold`` applies.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,12 +48,17 @@ ID_COLUMNS = ("image_id", "instance_id", "category", "role", "source")
 
 @dataclass(frozen=True)
 class TrainingRows:
-    """The image rows one instance trains on (deduplicated by id) and the id pool of each role."""
+    """The image rows one instance trains on (deduplicated by id) and the id pool of each role.
+
+    ``positive_ids_by_source``: ``positive_ids`` split by ``train.positive_sources`` entry (``real`` = the anchors),
+    what ``train.source_weights`` draws from (:func:`~personalization.contrastive.triplets.sample_triplets`).
+    """
 
     table: pa.Table
     anchor_ids: list[str]
     positive_ids: list[str]
     negative_ids: list[str]
+    positive_ids_by_source: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _where(table: pa.Table, **equals: str | Sequence[str]) -> pa.Table:
@@ -204,12 +209,12 @@ def select_training_rows(
     category = instances[instance_id]["category"]
     anchors = _where(images, instance_id=instance_id, role="real_train")
 
-    positive_parts = []
+    positive_parts = {}
     for source in train_cfg.positive_sources:
         if source == "real":
-            positive_parts.append(anchors)
+            positive_parts[source] = anchors
         else:
-            positive_parts.append(_where(synthetic, instance_id=instance_id, role="positive", source=source))
+            positive_parts[source] = _where(synthetic, instance_id=instance_id, role="positive", source=source)
 
     if train_cfg.negatives == "val":
         val_instances = val_negative_instances(instances, instance_id)
@@ -228,13 +233,15 @@ def select_training_rows(
 
     schema = images.schema
     anchors, positives, negatives = (
-        _concat(parts, schema, image_ids) for parts in ([anchors], positive_parts, negative_parts)
+        _concat(parts, schema, image_ids) for parts in ([anchors], list(positive_parts.values()), negative_parts)
     )
+    kept = set(positives["image_id"].to_pylist())
+    by_source = {source: [i for i in _ids(part) if i in kept] for source, part in positive_parts.items()}
     table = pa.concat_tables([anchors, positives, negatives])
     # One row per id: the "real" positive source repeats the anchors.
     _, first = _unique_first(table["image_id"].to_pylist())
     table = table.take(pa.array(first, pa.int64()))
-    return TrainingRows(table, _ids(anchors), _ids(positives), _ids(negatives))
+    return TrainingRows(table, _ids(anchors), _ids(positives), _ids(negatives), by_source)
 
 
 def _concat(parts: Sequence[pa.Table], schema: pa.Schema, image_ids: Collection[str] | None) -> pa.Table:

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from personalization.contrastive.triplets import TripletError, sample_triplets
+from personalization.contrastive.triplets import TripletError, compute_quotas, sample_triplets
 
 ANCHORS = [f"a{i}" for i in range(3)]
 POSITIVES = [f"p{i}" for i in range(40)]
@@ -194,3 +194,103 @@ def test_triplet_dataset_returns_transformed_triplets_and_decodes_once(tables):
     assert set(dataset._decoded) == {i for t in triplets for i in t}
     with pytest.raises(KeyError, match="not in the image table"):
         TripletDataset(rows.table, [("a", "b", "c")], transforms.ToTensor())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.source_weights: each positive source's share of the triplets
+
+
+def _weighted_plan(tables, weights, **kwargs):
+    from personalization.config import TrainConfig
+    from personalization.contrastive.data import select_training_rows
+
+    images, synthetic, instances = tables
+    cfg = TrainConfig(positive_sources=("real", "cutpaste"), source_weights=weights, negatives="val")
+    rows = select_training_rows(images, synthetic, "mug_1", cfg, instances)
+    args = dict(num_triplets=1000, seed=0, instance_id="mug_1") | kwargs
+    triplets = sample_triplets(
+        rows.anchor_ids, rows.positive_ids, rows.negative_ids, positive_groups=rows.positive_ids_by_source,
+        source_weights=cfg.source_weights, **args,
+    )  # fmt: skip
+    return rows, triplets
+
+
+def _source_counts(rows, triplets):
+    source_of = {i: s for s, ids in rows.positive_ids_by_source.items() for i in ids}
+    return Counter(source_of[p] for _, p, _ in triplets)
+
+
+def test_source_weights_set_each_sources_share_of_the_triplets(tables):
+    rows, triplets = _weighted_plan(tables, {"real": 1, "cutpaste": 3})
+    assert {s: len(ids) for s, ids in rows.positive_ids_by_source.items()} == {"real": 3, "cutpaste": 4}
+    assert rows.positive_ids_by_source["real"] == rows.anchor_ids
+    assert _source_counts(rows, triplets) == {"real": 250, "cutpaste": 750}  # 1 : 3 of 1000, exactly
+    assert {p for _, p, _ in triplets} == set(rows.positive_ids)  # every image of both sources is drawn
+    # The plain union draws images uniformly: real gets 3 of 7, about 430 of 1000.
+    _, union = _weighted_plan(tables, {})
+    assert 380 <= _source_counts(rows, union)["real"] <= 480
+    # Deterministic with the seed; another seed draws other triplets with the same shares.
+    assert _weighted_plan(tables, {"real": 1, "cutpaste": 3})[1] == triplets
+    other = _weighted_plan(tables, {"real": 1, "cutpaste": 3}, seed=1)[1]
+    assert other != triplets and _source_counts(rows, other) == {"real": 250, "cutpaste": 750}
+    # Odd totals round to the nearest whole triplet; a weight of 0 leaves the source out.
+    assert _source_counts(rows, _weighted_plan(tables, {"real": 2, "cutpaste": 1}, num_triplets=100)[1]) == {
+        "real": 67, "cutpaste": 33,
+    }  # fmt: skip
+    assert _source_counts(rows, _weighted_plan(tables, {"real": 0, "cutpaste": 1})[1]) == {"cutpaste": 1000}
+
+
+def test_source_weights_share_the_pairs_too(tables):
+    rows, triplets = _weighted_plan(tables, {"real": 1, "cutpaste": 3}, num_pairs=8)
+    assert _source_counts(rows, triplets) == {"real": 250, "cutpaste": 750}
+    pairs = {(a, p) for a, p, _ in triplets}
+    real = set(rows.positive_ids_by_source["real"])
+    assert len([1 for _, p in pairs if p in real]) == 2 and len([1 for _, p in pairs if p not in real]) == 6
+
+
+def test_a_weighted_source_without_images_is_a_clear_error():
+    with pytest.raises(TripletError, match="source_weights gives dreambooth weight 1.0"):
+        sample_triplets(
+            ANCHORS, POSITIVES, NEGATIVES, num_triplets=10, positive_groups={"real": ANCHORS, "cutpaste": POSITIVES},
+            source_weights={"cutpaste": 1.0, "dreambooth": 1.0},
+        )  # fmt: skip
+
+
+def test_compute_quotas_matches_the_exact_shares():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        weights = {f"s{k}": rng.choice([0, 0.5, 1, 2, 3.7]) for k in range(rng.randint(1, 4))}
+        if not sum(weights.values()):
+            continue
+        total = rng.randint(0, 500)
+        quotas = compute_quotas(total, weights)
+        assert sum(quotas.values()) == total
+        for key, weight in weights.items():
+            assert abs(quotas[key] - total * weight / sum(weights.values())) < 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.source_weights={real: 1}"], "one weight to each of train.positive_sources"),
+        (["train.positive_sources=[real]", "train.source_weights={real: 0}"], "not all 0"),
+        (["train.source_weights=3"], "must be a mapping"),
+        (["train.source_weights={cutpaste: many}"], "train.source_weights.cutpaste: must be a number"),
+    ],
+)
+def test_source_weights_config_errors_name_the_key(overrides, message):
+    from personalization.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_source_weights_from_yaml_and_default(tmp_path):
+    from personalization.config import load_config
+
+    assert load_config().train.source_weights == {}
+    path = tmp_path / "ratio.yaml"
+    path.write_text("train:\n  positive_sources: [real, cutpaste]\n  source_weights: {real: 1, cutpaste: 3}\n")
+    assert load_config(path).train.source_weights == {"real": 1.0, "cutpaste": 3.0}
