@@ -28,6 +28,7 @@ from personalization.config_layers import (
     require,
     to_dict,
 )
+from personalization.synthesis.generators import GENERATORS
 
 __all__ = [
     "ConfigError",
@@ -171,6 +172,9 @@ class DreamboothConfig:
 
     enabled: bool = False
     base_model: str = path_field("stable-diffusion-v1-5/stable-diffusion-v1-5")  # HF id or local diffusers folder
+    # The base model's family in GENERATORS (personalization/synthesis/generators.py): auto = detected from its
+    # model_index.json (_class_name), else sd15; or a registered name such as sd15
+    generator_type: str = "auto"
     mode: Literal["full", "lora"] = "full"
     masked: bool = True
     steps: int = 400
@@ -207,6 +211,12 @@ class DreamboothConfig:
         check_positive(self.checkpoint_every, "dreambooth.checkpoint_every", allow_zero=True)
         check_positive(self.max_failures, "dreambooth.max_failures", allow_zero=True)
         check_gpu_choice(self.use_gpu, "dreambooth.use_gpu")
+        if self.generator_type != "auto":
+            require(
+                self.generator_type in GENERATORS,
+                "dreambooth.generator_type",
+                f"{self.generator_type!r} is not registered; use auto or one of {sorted(GENERATORS)}",
+            )
         require(
             not self.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
             "dreambooth.use_8bit_adam",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -160,6 +161,22 @@ def make_row(
 
 def rows_to_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=IMAGE_SCHEMA)
+
+
+def batch_to_table(batch: dict) -> pa.Table:
+    """A batch of numpy columns (Ray Data's ``batch_format="numpy"``) -> an image table (schema-typed).
+
+    Ray hands all-null columns back as float NaN; those become nulls again here.
+    """
+    n = len(batch["image_id"])
+    rows = []
+    for i in range(n):
+        row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+        row["mask"] = row["mask"] if isinstance(row.get("mask"), bytes) else None
+        score = row.get("score")
+        row["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
+        rows.append(row)
+    return rows_to_table(rows)
 
 
 # Rows per Parquet row group in every image table: a streaming reader holds one group of a column at a time

@@ -172,3 +172,15 @@ def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[
     if not chosen:
         raise UserError("no instances selected: the dataset has no `test` instances; pass data.instances=[...]")
     return chosen
+
+
+def scorer_kwargs(cfg: ExperimentConfig) -> dict:
+    """The DreamSim Scorer's constructor arguments (personalization/filtering/scorer.py), for generate and filter."""
+    return {
+        "real_table": str(stage_dir(cfg, "ingest", "images.parquet")),
+        "cache_dir": cfg.filter.cache_dir,
+        "dreamsim_type": cfg.filter.dreamsim_type,
+        "masker": cfg.filter.masker,
+        "sam_weights": cfg.filter.sam_weights,
+        "batch_size": cfg.filter.batch_size,
+    }

@@ -7,10 +7,10 @@ Reads OUT/ingest (instances.json, images.parquet). Commits:
   (mode=lora), plus ``metrics.json`` (loss per step), each with its own manifest.
 Each instance still to do is a one-worker TorchTrainer (one GPU, or a share of one with ``ray.instances_per_gpu``),
 as many at a time as the cluster holds (pipelines.instances); an instance that fails is recorded in
-OUT/dreambooth/failures.json and the others go on. The worker trains with the library's ``train_dreambooth`` and
-copies its folder into OUT/dreambooth/.work/ (like Ray Train's own storage_path, OUT must be on storage every node
-sees); the driver then commits the instance folder atomically. The photos travel in the train config (a few PNGs)
-and the class images as an object ref.
+OUT/dreambooth/failures.json and the others go on. The worker trains with the library's ``train_dreambooth`` (its
+``DreamboothSettings`` made from the config section) and copies its folder into OUT/dreambooth/.work/ (like Ray
+Train's own storage_path, OUT must be on storage every node sees); the driver then commits the instance folder
+atomically. The photos travel in the train config (a few PNGs) and the class images as an object ref.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
-from personalization.synthesis.dreambooth import DreamboothError, check_generator_dir
+from personalization.synthesis.dreambooth import DreamboothError, DreamboothSettings, check_generator_dir
+from personalization.synthesis.generators import AUTO, find_generator
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, worker_resources, write_failures
@@ -71,7 +72,7 @@ def _class_config(cfg: ExperimentConfig, category: str) -> dict:
     }
 
 
-def _make_class_images(config: dict) -> list[bytes]:
+def _make_class_images(config: dict, generator_type: str) -> list[bytes]:
     from personalization.synthesis.dreambooth import generate_class_images
 
     images = generate_class_images(
@@ -81,6 +82,7 @@ def _make_class_images(config: dict) -> list[bytes]:
         resolution=config["resolution"],
         steps=config["steps"],
         seed=config["seed"],
+        generator_type=generator_type,
     )
     return [schema.encode_png(image) for image in images]
 
@@ -93,7 +95,7 @@ def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
 
     def build(tmp_dir: Path) -> int:
         task = ray.remote(num_gpus=1 if wants_gpu(cfg, STAGE) else 0)(_make_class_images)
-        blobs = ray.get(task.remote(config))
+        blobs = ray.get(task.remote(config, cfg.dreambooth.generator_type))
         rows = [
             schema.make_row(
                 image_id=schema.make_image_id("class", *config.values(), k),
@@ -115,11 +117,13 @@ def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
 
 
 def _instance_config(cfg: ExperimentConfig, category: str) -> dict:
+    # How often to checkpoint and how many restarts change how a run survives, not what it makes; generator_type
+    # auto is what base_model (hashed) detects, so it stays out as before the key existed.
+    skip = {"checkpoint_every", "max_failures"}
+    if cfg.dreambooth.generator_type == AUTO:
+        skip.add("generator_type")
     return {
-        # How often to checkpoint and how many restarts change how a run survives, not what it makes.
-        "dreambooth": {
-            k: v for k, v in without_placement(cfg.dreambooth).items() if k not in ("checkpoint_every", "max_failures")
-        },
+        "dreambooth": {k: v for k, v in without_placement(cfg.dreambooth).items() if k not in skip},
         "category": category,
         "seed": cfg.seed,
         "class_images": _class_config(cfg, category) if _uses_prior(cfg) else None,
@@ -145,6 +149,7 @@ def train_worker(config: dict) -> None:
     images = [schema.decode_image(p["image"]) for p in job["photos"]]
     masks = [schema.decode_mask(p["mask"]) if p["mask"] is not None else None for p in job["photos"]]
     class_images = [schema.decode_image(b) for b in ray.get(job["class_ref"])] if job["class_ref"] else []
+    settings = config["settings"].replace(device="cuda" if torch.cuda.is_available() else "cpu")
     resume = None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
@@ -161,43 +166,21 @@ def train_worker(config: dict) -> None:
     final = Path(config["work_dir"]) / job["instance_id"]
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    train_args = dict(config["train_args"])
     result = train_dreambooth(
         config["base_model"],
         images,
         job["category"],
         partial,
+        settings,
         masks=masks,
-        masked=config["masked"],
         class_images=class_images,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        seed=job["seed"],
         checkpoint_every=config["checkpoint_every"],
         on_checkpoint=on_checkpoint,
         resume=resume,
-        **train_args,
     )
     (partial / "metrics.json").write_text(json.dumps({"dreambooth/loss": result["losses"]}))
     partial.rename(final)
     ray.train.report({"loss": result["losses"][-1], "step": len(result["losses"])})
-
-
-def _train_args(cfg: ExperimentConfig) -> dict:
-    db = cfg.dreambooth
-    keys = (
-        "mode",
-        "steps",
-        "learning_rate",
-        "batch_size",
-        "resolution",
-        "train_text_encoder",
-        "lora_rank",
-        "gradient_checkpointing",
-        "mixed_precision",
-        "use_8bit_adam",
-        "prior_weight",
-    )
-    return {k: getattr(db, k) for k in keys} | {"learning_rate": db.effective_learning_rate}
 
 
 def run(cfg: ExperimentConfig) -> Path:
@@ -206,6 +189,7 @@ def run(cfg: ExperimentConfig) -> Path:
     instances = common.load_instances(cfg)
     instance_ids = common.select_instances(cfg, instances)
     check_generator_dir(cfg.dreambooth.base_model)
+    find_generator(cfg.dreambooth.base_model, cfg.dreambooth.generator_type)  # an unknown model family fails here
     photos = load_real_photos(cfg, instance_ids)  # bad input fails here, before any worker starts
     inputs = {"ingest": stage_dir(cfg, "ingest")}
     outs = {i: stage_dir(cfg, STAGE, i) for i in instance_ids}
@@ -227,7 +211,6 @@ def run(cfg: ExperimentConfig) -> Path:
                 "instance_id": instance_id,
                 "category": instances[instance_id]["category"],
                 "photos": photos[instance_id],
-                "seed": cfg.seed,
                 "class_ref": class_refs.get(instances[instance_id]["category"]),
             }
             commit_stage(
@@ -260,8 +243,7 @@ def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool)
         train_loop_config={
             "job": job,
             "base_model": cfg.dreambooth.base_model,
-            "masked": cfg.dreambooth.masked,
-            "train_args": _train_args(cfg),
+            "settings": DreamboothSettings.from_config(cfg.dreambooth, seed=cfg.seed),
             "checkpoint_every": cfg.dreambooth.checkpoint_every,
             "work_dir": str(work_dir),
         },

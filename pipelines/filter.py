@@ -26,8 +26,7 @@ from personalization.errors import MissingInputError
 from personalization.filtering.embedders import check_dreamsim_cache
 from personalization.filtering.scorer import Scorer, check_real_table
 from pipelines import common
-from pipelines.common import ray_session, resolved, stage_dir, stage_main
-from pipelines.generate import batch_to_table, scorer_kwargs
+from pipelines.common import ray_session, resolved, scorer_kwargs, stage_dir, stage_main
 from pipelines.instances import without_failed
 from pipelines.resources import wants_gpu, without_placement
 
@@ -100,7 +99,7 @@ def score_to(cfg: ExperimentConfig, files: list[Path], scratch: Path) -> None:
             compute=ray.data.ActorPoolStrategy(size=cfg.filter.num_actors),
             num_gpus=0.25 if wants_gpu(cfg, STAGE) else 0.0,
         )
-        dataset = dataset.map_batches(batch_to_table, batch_size=cfg.filter.batch_size, batch_format="numpy")
+        dataset = dataset.map_batches(schema.batch_to_table, batch_size=cfg.filter.batch_size, batch_format="numpy")
         dataset.write_parquet(str(scratch), compression="zstd")
 
 

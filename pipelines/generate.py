@@ -30,10 +30,11 @@ from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
+from personalization.synthesis.generators import find_generator
 from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
-from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.common import ray_session, resolved, scorer_kwargs, stage_dir, stage_main
 from pipelines.instances import without_failed
 from pipelines.metrics import record_filter_batch
 from pipelines.resources import cluster_capacity, wants_gpu, without_placement
@@ -62,26 +63,11 @@ def scorer_gpus(cfg: ExperimentConfig, sampler_gpus: float) -> float:
 def _sampler_kwargs(cfg: ExperimentConfig) -> dict:
     return {
         "base_model": cfg.dreambooth.base_model,
+        "generator_type": cfg.dreambooth.generator_type,
         "steps": cfg.generate.steps,
         "image_size": cfg.generate.image_size,
         "scheduler": cfg.generate.scheduler,
     }
-
-
-def batch_to_table(batch: dict) -> pa.Table:
-    """A numpy batch from Ray -> an image-table (schema-typed) Arrow table.
-
-    Ray hands all-null columns back as float NaN; those become nulls again here.
-    """
-    n = len(batch["image_id"])
-    rows = []
-    for i in range(n):
-        row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-        row["mask"] = row["mask"] if isinstance(row.get("mask"), bytes) else None
-        score = row.get("score")
-        row["score"] = None if score is None or (isinstance(score, float) and math.isnan(score)) else score
-        rows.append(row)
-    return schema.rows_to_table(rows)
 
 
 def run_generation(
@@ -140,7 +126,7 @@ def run_generation(
     batches = dataset.iter_batches(batch_size=gen.batch_size, batch_format="numpy")
     written, seen, accepted, warned = 0, Counter(), Counter(), set()
     for index, batch in enumerate(take_until_accepted(batches, needed, cfg.filter.threshold) if needed else batches):
-        table = batch_to_table(batch)
+        table = schema.batch_to_table(batch)
         if sink is not None:
             sink(table)
             rows = table.num_rows
@@ -185,6 +171,7 @@ def positive_source(cfg: ExperimentConfig) -> str:
 def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str, str]:
     """Everything that can be wrong, checked before any actor starts; returns {instance_id: generator folder}."""
     check_generator(cfg.dreambooth.base_model)
+    find_generator(cfg.dreambooth.base_model, cfg.dreambooth.generator_type)  # an unknown model family fails here
     if cfg.generate.prompts_file:
         load_prompts(cfg.generate.prompts_file)  # a broken prompt file fails here, before Ray starts
     generators = {}
@@ -202,17 +189,6 @@ def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str
         check_dreamsim_cache(cfg.filter.cache_dir, cfg.filter.dreamsim_type)
         check_real_table(stage_dir(cfg, "ingest", "images.parquet"), instance_ids)
     return generators
-
-
-def scorer_kwargs(cfg: ExperimentConfig) -> dict:
-    return {
-        "real_table": str(stage_dir(cfg, "ingest", "images.parquet")),
-        "cache_dir": cfg.filter.cache_dir,
-        "dreamsim_type": cfg.filter.dreamsim_type,
-        "masker": cfg.filter.masker,
-        "sam_weights": cfg.filter.sam_weights,
-        "batch_size": cfg.filter.batch_size,
-    }
 
 
 def _sampling_config(cfg: ExperimentConfig) -> dict:

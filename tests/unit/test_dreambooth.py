@@ -4,8 +4,10 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from personalization.config import load_config
 from personalization.synthesis.dreambooth import (
     DreamboothError,
+    DreamboothSettings,
     check_generator_dir,
     compute_loss_weight,
     compute_masked_mse,
@@ -200,3 +202,13 @@ def test_a_run_resumed_from_a_checkpoint_ends_like_an_uninterrupted_one(sd_dir, 
         for name in ("straight", "resumed")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_settings_come_from_the_config_section_with_the_modes_learning_rate():
+    overrides = ["dreambooth.mode=lora", "dreambooth.steps=7", "dreambooth.masked=false", "dreambooth.lora_rank=4"]
+    settings = DreamboothSettings.from_config(load_config(None, overrides).dreambooth, seed=5)
+    assert (settings.mode, settings.steps, settings.masked, settings.lora_rank) == ("lora", 7, False, 4)
+    assert (settings.learning_rate, settings.seed, settings.generator_type, settings.device) == (1e-4, 5, "auto", None)
+    assert settings.replace(device="cpu").device == "cpu"
+    with pytest.raises(TypeError, match="stepz"):
+        settings.replace(stepz=1)

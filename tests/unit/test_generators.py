@@ -9,6 +9,7 @@ import safetensors.torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from personalization.config import ConfigError, load_config
 from personalization.synthesis.dreambooth import train_dreambooth
 from personalization.synthesis.generators import GENERATORS, GeneratorError, GeneratorSpec, find_generator
 from personalization.synthesis.sampler import ImageSampler
@@ -45,6 +46,8 @@ def test_the_zoo_stable_diffusion_and_its_outputs_are_detected_as_sd15(sd_dir, t
 
 
 def test_unknown_families_and_names_fail_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="dreambooth.generator_type: 'sdxl' is not registered; use auto or one of"):
+        load_config(None, ["dreambooth.generator_type=sdxl"])
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(GeneratorError, match="'KandinskyPipeline' matches no registered generator type.*=<name>"):
         find_generator(tmp_path)
