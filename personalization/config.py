@@ -458,6 +458,20 @@ class FindConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """`personalize run` as a whole."""
+
+    # Train seeds: each trains and evaluates into OUT/seed-<s>/ over the data stages made once in OUT/ with
+    # `seed`; empty = one run with `seed` (pipelines/seeds.py). `personalize compare OUT` shows mean +- sd.
+    seeds: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        require(len(set(self.seeds)) == len(self.seeds), "run.seeds", f"holds a seed twice: {list(self.seeds)}")
+        for seed in self.seeds:
+            check_positive(seed, "run.seeds", allow_zero=True)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = path_field("outputs/experiment", output=True)
@@ -472,6 +486,7 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     find: FindConfig = field(default_factory=FindConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         """The rules that join sections (each section has checked its own values already)."""

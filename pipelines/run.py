@@ -49,6 +49,10 @@ def check_before_start(cfg: ExperimentConfig) -> None:
 
 def run(cfg: ExperimentConfig) -> Path:
     check_before_start(cfg)
+    if cfg.run.seeds:  # train + evaluate once per seed over shared data stages (pipelines/seeds.py)
+        from pipelines.seeds import run_seeds
+
+        return run_seeds(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -69,6 +69,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "find": ("find", "rank a folder of photos by how likely each shows the object (personalized vs pretrained)"),
     "run": ("run", "all stages end to end, then summary.json and report.html"),
     "sweep": ("sweep", "Ray Tune over config keys (--space tune_spaces/NAME.yaml), scored on val instances"),
+    "compare": ("compare", "several runs side by side as the paper's tables (mean +- sd over seeds), Markdown + HTML"),
     "make-toy": ("make_toy", "write the procedural toy benchmark in the PODS layout"),
     "zoo": ("zoo", "build the tiny offline models (and locate the real MobileNetV2)"),
 }
