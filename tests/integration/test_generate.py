@@ -52,7 +52,7 @@ def _cfg(sd, out, filter_cfg=None, **generate_overrides):
         "num_actors": 2,
         "gpus_per_actor": 0.0,
         "num_prompts": 4,
-        "cfg": 4.0,
+        "guidance_scale": 4.0,
         "enabled": True,
     }
     generate_cfg.update(generate_overrides)
@@ -126,8 +126,8 @@ def test_bad_input_fails_before_any_actor(workspace, tmp_path):
                 {"output_dir": str(out), "dreambooth": {"base_model": str(tmp_path)}, "generate": {"enabled": True}}
             )
         )
-    with pytest.raises(Exception, match="cfg"):
-        _cfg(sd, out, cfg=0.5)
+    with pytest.raises(Exception, match=r"generate\.guidance_scale: classifier-free guidance must be >= 1"):
+        _cfg(sd, out, guidance_scale=0.5)
     bad = tmp_path / "prompts.json"
     bad.write_text(json.dumps({"mug_1": ["a mug"], "mug_2": ["a <new1> mug"], "shoe_1": ["a <new1> shoe"]}))
     with pytest.raises(ValueError, match=r"prompts\.json.*mug_1.*<new1>"):

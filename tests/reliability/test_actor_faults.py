@@ -42,7 +42,7 @@ def _generate_cfg(out, sd, **overrides):
         "num_actors": 1,
         "gpus_per_actor": 0.0,
         "num_prompts": 3,
-        "cfg": 2.0,
+        "guidance_scale": 2.0,
     }
     generate.update(overrides)
     return build_config(
