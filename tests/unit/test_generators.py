@@ -2,6 +2,7 @@
 sampler on the tiny zoo Stable Diffusion, and the base model's family is detected from its model_index.json."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,69 @@ def test_a_registered_generator_round_trips_through_dreambooth_and_the_sampler(s
     # Same classes, same seed: the entry makes exactly what the built-in SD 1.5 entry makes.
     (reference,) = ImageSampler(sd_dir, steps=2, image_size=SIZE).generate(str(lora), prompt, [7], 5.0)
     np.testing.assert_array_equal(image, reference)
+
+
+def _tiny_sdxl(folder):
+    """A random SDXL-shaped pipeline (two CLIP text encoders, a text_time UNet) saved as stock diffusers does."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from personalization.zoo.diffusion import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size ids + the pooled text width
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    StableDiffusionXLPipeline(
+        vae=vae, unet=unet, scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text),
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+@pytest.mark.slow
+def test_the_docs_sdxl_example_runs_on_a_tiny_sdxl(tmp_path, monkeypatch):
+    """docs/extending.md's SDXL block, as written there: one class and one entry make DreamBooth and sampling work."""
+    from personalization.synthesis.dreambooth import generate_class_images
+
+    section = (Path(__file__).parents[2] / "docs" / "extending.md").read_text().split("## A generator")[1]
+    namespace = {"GeneratorSpec": GeneratorSpec, "GENERATORS": {}}
+    exec(section.split("```python\n")[1].split("```")[0], namespace)
+    monkeypatch.setitem(GENERATORS, "sdxl", namespace["GENERATORS"]["sdxl"])
+    sdxl = str(_tiny_sdxl(tmp_path / "tiny_sdxl"))
+    assert find_generator(sdxl) is GENERATORS["sdxl"]
+    class_images = generate_class_images(sdxl, "mug", 1, resolution=SIZE, steps=2)
+    photos = [Image.fromarray(np.full((SIZE, SIZE, 3), 60 * k, np.uint8)) for k in range(2)]
+    saved = {}
+    for mode in ("lora", "full"):
+        result = train_dreambooth(
+            sdxl, photos, "mug", tmp_path / mode, mode=mode, steps=1, learning_rate=1e-3, resolution=SIZE,
+            lora_rank=4, class_images=class_images,
+        )  # fmt: skip
+        assert np.isfinite(result["losses"]).all()
+        saved[mode] = sorted(p.name for p in (tmp_path / mode).iterdir())
+    assert saved == {
+        "lora": ["pytorch_lora_weights.safetensors"],
+        "full": ["personalized_generator.json", "text_encoder", "text_encoder_2", "unet"],
+    }
+    sampler = ImageSampler(sdxl, steps=2, image_size=SIZE)
+    images = [
+        sampler.generate(g, ["a photo of <new1> mug"], [3], 5.0)[0] for g in (sdxl, *(str(tmp_path / m) for m in saved))
+    ]
+    assert all(image.shape == (SIZE, SIZE, 3) for image in images)
+    assert not np.array_equal(images[0], images[2])  # the fine-tuned UNet and text encoders are the ones used
