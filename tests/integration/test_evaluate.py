@@ -192,6 +192,12 @@ def test_evaluate_stage_writes_metrics_curves_and_masks(tmp_path, dinov2, ray_lo
     assert scores["pretrained"] and scores["pretrained"] != scores["personalized"]
 
     assert_same_as_before(folder)
+    # Every test image of this toy is in_distribution: that split's metrics are the pooled ones, key for key.
+    for model in ("pretrained", "personalized"):
+        assert list(metrics["per_split"][model]) == ["in_distribution"]
+        split = metrics["per_split"][model]["in_distribution"]
+        assert set(split) == {"classification/pr_auc", "retrieval/ndcg", "retrieval/mrr", "retrieval/top10"}
+        assert split == {k: metrics[model][k] for k in split}
     for model in ("pretrained", "personalized"):  # one committed unit per (model, instance)
         for instance in ("mug_a", "mug_b"):
             unit = folder / model / instance
@@ -215,7 +221,9 @@ def flat(tree, path=""):
 def assert_same_as_before(folder):
     """The outputs equal those of the implementation before per-object units (captured on this toy)."""
     for name, key in (("metrics.json", "metrics"), ("pr_curves.json", "pr_curves")):
-        found = flat(json.loads((folder / name).read_text()))
+        found = json.loads((folder / name).read_text())
+        found.pop("per_split", None)  # added since (issue 14); checked against the pooled keys in the test
+        found = flat(found)
         assert found.keys() == flat(BEFORE[key]).keys()
         assert found == pytest.approx(flat(BEFORE[key]), abs=1e-9, nan_ok=True)
     predictions = json.loads((folder / "predictions.json").read_text())
@@ -294,7 +302,7 @@ def test_the_driver_receives_metrics_and_one_example_never_dense_masks(tmp_path,
         result = json.loads(row["result"])
         example = schema.decode_image(row["image"])  # the one image sent: the report's example, as PNG
         assert example.size == (SIZE, SIZE) and result["example"]["image_id"] in sets.dense
-        assert set(result) == {"metrics", "curve", "predictions", "example"}
+        assert set(result) == {"metrics", "curve", "split_metrics", "predictions", "example"}
         assert all(set(p) == {"image_id", "box", "score"} for p in result["predictions"])  # no masks in the list
         rle = result["example"]["rle"]  # the one mask sent: the report's example, run-length encoded
         assert rle["size"] == [SIZE, SIZE] and isinstance(rle["counts"], str)
