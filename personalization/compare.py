@@ -33,7 +33,8 @@ RECALL_GRID = np.linspace(0.0, 1.0, 101)
 
 @dataclass(frozen=True)
 class RunResults:
-    """One run: its label and, per seed, the metrics (``{model: {key: mean}, "per_split": {...}}``) and curves."""
+    """One run: its label (the folder as given) and, per seed, the metrics (``{model: {key: mean}, "per_split":
+    {...}}``) and PR curves."""
 
     label: str
     folder: Path
@@ -64,12 +65,14 @@ def _seed_number(folder: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def load_run(folder: str | Path, label: str | None = None) -> RunResults:
-    """The seeds of the run in ``folder`` (see the module docstring); a UserError naming it when it has none."""
+def load_run(folder: str | Path, only: Sequence[str] | None = None) -> RunResults:
+    """The seeds of the run in ``folder`` (see the module docstring; ``only``: these ``seed-<s>`` sub-runs, not
+    every one there); a UserError naming the folder when it has none with metrics."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass the output_dir of a `personalize run`")
     sub_runs = sorted((p for p in folder.iterdir() if _seed_number(p) >= 0 and p.is_dir()), key=_seed_number)
+    sub_runs = [p for p in sub_runs if only is None or p.name in only]
     found = [(p.name, read_seed(p)) for p in sub_runs]
     seeds = [(name, seed) for name, seed in found if seed is not None]
     if not sub_runs and (single := read_seed(folder)) is not None:
@@ -81,7 +84,7 @@ def load_run(folder: str | Path, label: str | None = None) -> RunResults:
             f"sub-runs); run `personalize run` (or `personalize evaluate`) with output_dir={folder} first"
         )
     return RunResults(
-        label=label or str(folder),
+        label=str(folder),
         folder=folder,
         seeds=[name for name, _ in seeds],
         metrics=[seed[0] for _, seed in seeds],

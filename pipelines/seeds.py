@@ -88,7 +88,7 @@ def run_seeds(cfg: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = run_module.plan(cfg)
-    failed = {}
+    failed, finished = {}, 0
     with ray_session(cfg):
         shared = run_stages(cfg, [s for s in stages if s[0] not in SEEDED], "")
         for seed in cfg.run.seeds:
@@ -98,9 +98,10 @@ def run_seeds(cfg: ExperimentConfig) -> Path:
             timings = shared | run_stages(sub, [s for s in stages if s[0] in SEEDED], f"seed {seed} ")
             summary = run_module.write_summary(sub, timings)
             build_report(sub, summary)
+            finished += len(summary["instances"])
             if summary["failed"]:
                 failed[str(seed)] = summary["failed"]
-    results = load_run(out)
+    results = load_run(out, only=[f"seed-{s}" for s in cfg.run.seeds])  # not a stale seed-<s>/ of an older run
     summary = write_seeds_summary(cfg, results, shared, failed)
     markdown, page = write_comparison([results], out / "comparison.md")
     page.replace(out / "report.html")
@@ -108,7 +109,7 @@ def run_seeds(cfg: ExperimentConfig) -> Path:
     print(f"summary: {out / 'summary.json'}\ncomparison: {markdown}\nreport:  {out / 'report.html'}")
     if failed:
         listed = {f"seed {s}/{i}": f"{f['stage']}: {f['error']}" for s, by in failed.items() for i, f in by.items()}
-        raise InstanceFailures("run", listed, finished=len(summary["seeds"]), listed_in=str(out / "summary.json"))
+        raise InstanceFailures("run", listed, finished=finished, listed_in=str(out / "summary.json"))
     return out
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from personalization.compare import compute_mean_pr_curve, compute_mean_sd, load_run, split_stats
+from personalization.config import ConfigError, build_config
 from pipelines import cli
 
 SPLITS = ("in_distribution", "pose")
@@ -55,6 +56,19 @@ def test_mean_sd_over_seeds_match_numpy(runs):
     assert (mean, sd, count) == (pytest.approx(0.25), pytest.approx(math.sqrt(0.05**2 * 2)), 2)
     assert compute_mean_sd([0.4])[2] == 1 and math.isnan(compute_mean_sd([0.4])[1])
     assert compute_mean_sd([math.nan])[2] == 0
+    chosen = load_run(root / "a", only=["seed-0", "seed-2"])  # a seeds run reads its own seeds, not stale ones
+    assert chosen.seeds == ["seed-0", "seed-2"] and chosen.missing == []
+    assert compute_mean_sd(m["personalized"]["classification/pr_auc"] for m in chosen.metrics)[0] == pytest.approx(
+        0.465
+    )
+
+
+def test_run_seeds_config_names_the_fix():
+    assert build_config({"run": {"seeds": [0, 1, 2]}}).run.seeds == (0, 1, 2)
+    with pytest.raises(ConfigError, match=r"run.seeds: holds a seed twice: \[1, 1\]"):
+        build_config({"run": {"seeds": [1, 1]}})
+    with pytest.raises(ConfigError, match="run.seeds: must be >= 0"):
+        build_config({"run": {"seeds": [-1]}})
 
 
 def test_mean_pr_curve_is_the_interpolated_precision():
