@@ -14,6 +14,7 @@ retrieval keys}}``, :func:`compute_split_metrics`; empty without PODS test split
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,7 +164,7 @@ def compute_split_metrics(
     found = {}
     for split in sets.test_splits():
         chosen = [i for i in sets.test if sets.split.get(i) == split]
-        cut = EvaluationImages(sets.train, chosen, [], sets.owner, sets.size, sets.masked, sets.split)
+        cut = dataclasses.replace(sets, test=chosen, dense=[])
         if any(sets.owner[i] == instance for i in chosen):
             found[split] = compute_embedding_metrics(embeddings, cut, instance, tasks)[0]
         else:
