@@ -118,7 +118,7 @@ def generate_class_images(
     dev = _device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     spec = find_generator(check_generator_dir(base_model), generator_type)
-    pipe = spec.load_pipeline(check_generator_dir(base_model), dtype=dtype).to(dev)
+    pipe = spec.load_pipeline(Path(base_model), dtype=dtype).to(dev)
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     for start in range(0, n, batch_size):
@@ -226,7 +226,7 @@ class DreamboothRun:
         self.amp = amp if dev.type == "cuda" else None
         torch.manual_seed(s.seed)
         self.spec = find_generator(check_generator_dir(base_model), s.generator_type)
-        self.pipe = self.spec.load_pipeline(check_generator_dir(base_model), **self.spec.no_safety_checker)
+        self.pipe = self.spec.load_pipeline(Path(base_model), **self.spec.no_safety_checker)
         self.tune_text = s.train_text_encoder and s.mode == "full"
         self._set_up_models()
         self.trainable = {"unet": self.pipe.unet} | (self.text_encoders if self.tune_text else {})

@@ -41,8 +41,8 @@ class SamplerError(UserError):
     """A generator, row or setting the sampler cannot use; the message says which and how to fix it."""
 
 
-def is_lora(generator: str | Path) -> bool:
-    return (Path(generator) / LORA_FILE).is_file()
+def is_lora(generator: str | Path, lora_file: str = LORA_FILE) -> bool:
+    return (Path(generator) / lora_file).is_file()
 
 
 def check_generator(generator: str | Path) -> str:
@@ -172,7 +172,7 @@ class ImageSampler:
 
     def _select(self, generator: str):
         """The pipeline for ``generator``, with the right LoRA adapter active (or none)."""
-        if not is_lora(generator):
+        if not is_lora(generator, self.spec.lora_file):
             pipe = self._pipeline(check_generator(generator))
             if generator == self.base_model and self._adapters:
                 pipe.disable_lora()
