@@ -299,7 +299,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = build_config({k: loop_config["config"][k] for k in ("seed", "model", "train")})
+    cfg = build_config(loop_config["config"])  # the driver's whole config: its cross-section rules hold here too
     data_dir = Path(loop_config["data_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
