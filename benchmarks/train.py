@@ -32,8 +32,8 @@ def plain_loop(cfg) -> tuple[int, float]:
         sample_triplets,
         train_step,
     )
-    from pipelines.common import stage_dir
-    from pipelines.train import build_lora_encoder, instance_rows, resolve_negatives, stage_inputs
+    from pipelines.common import resolve_negatives, stage_dir
+    from pipelines.train import build_lora_encoder, instance_rows, stage_inputs
 
     instances = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
     cfg = resolve_negatives(cfg, instances, [INSTANCE])

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from personalization.config import ConfigError, ExperimentConfig, load_config, path_fields, replace, to_dict
+from personalization.contrastive.negatives import choose_negatives
+from personalization.datasets import DatasetError, detect_layout
+from personalization.datasets.layouts import info_file
 from personalization.errors import MissingInputError, UserError
 from personalization.output_lock import hold_output_lock
 from personalization.paths import inside
@@ -147,7 +151,6 @@ def setup_logging() -> None:
 
 def load_instances(cfg: ExperimentConfig) -> dict[str, dict]:
     """``OUT/ingest/instances.json``: {instance_id: {"category", "split"}}; a clear error when ingest has not run."""
-    import json
 
     path = stage_dir(cfg, "ingest") / "instances.json"
     if not path.is_file():
@@ -172,6 +175,46 @@ def select_instances(cfg: ExperimentConfig, instances: dict[str, dict]) -> list[
     if not chosen:
         raise UserError("no instances selected: the dataset has no `test` instances; pass data.instances=[...]")
     return chosen
+
+
+def dataset_instances(cfg: ExperimentConfig) -> dict[str, dict]:
+    """{instance: {"category", "split"}}: ``OUT/ingest/instances.json`` when ingest has run, else a look at
+    ``data.root`` (its info file, or the plain-folder settings; no image is read). {} when it cannot tell yet:
+    ingest then reports what is wrong with the dataset."""
+    if (stage_dir(cfg, "ingest") / "instances.json").is_file():
+        return load_instances(cfg)
+    data = cfg.data
+    try:
+        layout = detect_layout(data.root, data.layout)
+        if layout == "folder":
+            return {data.instance_id or Path(data.root).resolve().name: {"category": data.category, "split": "user"}}
+        info = json.loads((Path(data.root) / info_file(layout)).read_text())
+        return {str(i): {"category": str(info["class_to_sc"][i]), "split": str(info["class_to_split"][i])}
+                for i in info["classes"]}  # fmt: skip
+    except (DatasetError, OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def resolve_negatives(
+    cfg: ExperimentConfig, instances: dict[str, dict] | None = None, selected: Sequence[str] | None = None
+) -> ExperimentConfig:
+    """``cfg`` with ``train.negatives`` made concrete for the instances it trains (``auto`` resolved by
+    :func:`personalization.contrastive.negatives.choose_negatives`; a UserError naming the fixes when nothing
+    applies). The one place train, `personalize run`'s check and the sweep resolve it."""
+    instances = dataset_instances(cfg) if instances is None else instances
+    if not instances:  # nothing to judge by yet (ingest reports the dataset's problems; the config its own)
+        return cfg
+    selected = select_instances(cfg, instances) if selected is None else selected
+    mode = choose_negatives(cfg.train, cfg.generate, instances, selected)
+    return cfg if mode == cfg.train.negatives else replace(cfg, **{"train.negatives": mode})
+
+
+def check_before_start(cfg: ExperimentConfig) -> None:
+    """Fail on what only the dataset can tell, before any expensive work (`personalize run` and `sweep`). The
+    config's own rules, cross-section ones included, were checked when it was built (``ExperimentConfig.validate``),
+    for every command."""
+    cfg.data.require_root()
+    resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage
 
 
 def scorer_kwargs(cfg: ExperimentConfig) -> dict:

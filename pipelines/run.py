@@ -15,7 +15,7 @@ from pathlib import Path
 from personalization.artifacts import write_json_atomic
 from personalization.config import ExperimentConfig, save_config
 from personalization.errors import UserError
-from pipelines.common import InstanceFailures, ray_session, stage_main
+from pipelines.common import InstanceFailures, check_before_start, ray_session, resolve_negatives, stage_main
 from pipelines.instances import read_failures
 from pipelines.stages import per_instance_before, run_plan
 
@@ -36,15 +36,6 @@ METRIC_KEYS = (
 def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], Path]]]:
     """The stages this config runs, in order, as (name, run) (the table is pipelines/stages.py)."""
     return [(stage.name, stage.runner()) for stage in run_plan(cfg)]
-
-
-def check_before_start(cfg: ExperimentConfig) -> None:
-    """Fail on what only the dataset can tell, before any expensive work. The config's own rules, cross-section
-    ones included, were checked when it was built (``ExperimentConfig.validate``), for every command."""
-    cfg.data.require_root()
-    from pipelines.train import resolve_negatives
-
-    resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage
 
 
 def run(cfg: ExperimentConfig) -> Path:
@@ -117,8 +108,6 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
 
 
 def _negatives_used(cfg: ExperimentConfig) -> str:
-    from pipelines.train import resolve_negatives
-
     try:
         return resolve_negatives(cfg).train.negatives
     except UserError:  # reported when train ran; the summary still gets written

@@ -51,11 +51,14 @@ from personalization.sweeps import (
 )
 from personalization.val_probes import ValPartition, hide_probes, partition_val
 from pipelines import common
-from pipelines.common import ray_session, stage_dir
+from pipelines.common import check_before_start, dataset_instances, ray_session, resolve_negatives, stage_dir
+from pipelines.stages import BY_NAME
 from pipelines.sweep_trial import PROBE_INGEST, RECORD, generate_key, is_complete, link_upstream, run_trial
 
 STAGE = "sweep"
 log = logging.getLogger(f"personalize.{STAGE}")
+# The stages a sweep runs once, into OUT/sweep/shared, before its trials (each run through the stage table).
+_UPSTREAM = ("ingest", "cutpaste", "dreambooth", "generate")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,8 +68,6 @@ log = logging.getLogger(f"personalize.{STAGE}")
 def negatives_from_val(cfg: ExperimentConfig, space: SearchSpace, instances: dict[str, dict]) -> bool:
     """Whether trials may train on val objects as negatives (``train.negatives`` resolves to, or is swept
     over, ``val``): then the probes need a pool of val objects of their categories."""
-    from pipelines.train import resolve_negatives
-
     swept = space.domains.get("train.negatives")
     if swept is not None and {"val", "auto"} & set(swept.candidates()):
         return True
@@ -103,18 +104,17 @@ def save_probe_view(shared: Path, split: ValPartition) -> Path:
 def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -> tuple[ExperimentConfig, ValPartition]:
     """Run the upstream stages once into ``sweep_dir/shared`` for the probes; returns the trials' base config and
     the partition of the val objects."""
-    from pipelines import cutpaste, dreambooth, generate, ingest
-
+    ingest, cutpaste, dreambooth, generate = (BY_NAME[name].runner() for name in _UPSTREAM)
     shared = sweep_dir / "shared"
     base = replace(cfg, output_dir=str(shared))
-    ingest.run(base)
+    ingest(base)
     split = choose_probes(cfg, space, common.load_instances(base))
     save_probe_view(shared, split)
     base = replace(base, **{"data.instances": split.probes, "data.max_instances": 0})
     if base.cutpaste.enabled:
-        cutpaste.run(base)
+        cutpaste(base)
     if base.dreambooth.enabled:
-        dreambooth.run(base)
+        dreambooth(base)
     if base.generate.enabled:
         for variant in generate_variants(space, base):
             folder = shared / "generate-cache" / generate_key(variant, base)
@@ -123,7 +123,7 @@ def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -
                 "sweep: generate for %s",
                 {k: getattr(variant.generate, k.split(".")[1], None) for k in space.generate_keys()},
             )
-            generate.run(replace(variant, output_dir=str(folder)))
+            generate(replace(variant, output_dir=str(folder)))
     return base, split
 
 
@@ -265,9 +265,6 @@ def _fingerprint(space: SearchSpace, base: ExperimentConfig) -> str:
 def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
     """Run (or resume) the sweep; returns ``OUT/sweep``. ``stop``: a Tune ``Stopper`` / stop dict (new sweeps)."""
     from ray import tune
-
-    from pipelines.run import check_before_start
-    from pipelines.train import dataset_instances
 
     space = load_space(space_path, cfg)  # every key and candidate value checked before Ray starts
     check_before_start(cfg)

@@ -71,8 +71,9 @@ def run_trial(params: dict, *, base: dict, probes: list[str], pool: list[str]) -
     import ray.tune
     from ray.util.queue import Queue
 
-    from pipelines import train
+    from pipelines.stages import BY_NAME
 
+    train = BY_NAME["train"].runner()
     base_cfg = build_config(base)
     cfg = build_config(base, nest(params))
     out = Path(base_cfg.output_dir).parent / "trials" / ray.tune.get_context().get_trial_id()
@@ -87,7 +88,7 @@ def run_trial(params: dict, *, base: dict, probes: list[str], pool: list[str]) -
                 continue  # a restarted trial: this epoch was trained and recorded before
             scorer = ValidationProbe(images, probe, to_dict(cfg.model), instances=probes)
             probe_cfg = replace(cfg, **{"data.instances": (probe,), "train.epochs": epoch})
-            train.run(probe_cfg, callbacks=[forward_reports(reports)], report_extra=TrialReport(scorer))
+            train(probe_cfg, callbacks=[forward_reports(reports)], report_extra=TrialReport(scorer))
             add_to_record(record, probe, _last_report(reports, probe, epoch, out))
             write_json_atomic(out / RECORD, record)
         ray.tune.report(epoch_report(record, epoch))

@@ -43,11 +43,8 @@ from personalization.contrastive.data import (
     val_negative_instances,
 )
 from personalization.contrastive.fit import Report, TrainableModel, build_lora_encoder, fit
-from personalization.contrastive.negatives import choose_negatives
-from personalization.datasets import DatasetError, detect_layout
-from personalization.datasets.layouts import info_file
 from pipelines import common
-from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
+from pipelines.common import InstanceFailures, ray_session, resolve_negatives, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, without_failed, worker_resources
 from pipelines.metrics import set_train_loss
 from pipelines.resources import wants_gpu
@@ -60,38 +57,6 @@ _LENGTH_KEYS = ("epochs", "checkpoint_every", "max_failures", "use_gpu")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver side
-
-
-def dataset_instances(cfg: ExperimentConfig) -> dict[str, dict]:
-    """{instance: {"category", "split"}}: ``OUT/ingest/instances.json`` when ingest has run, else a look at
-    ``data.root`` (its info file, or the plain-folder settings; no image is read). {} when it cannot tell yet:
-    ingest then reports what is wrong with the dataset."""
-    if (stage_dir(cfg, "ingest") / "instances.json").is_file():
-        return common.load_instances(cfg)
-    data = cfg.data
-    try:
-        layout = detect_layout(data.root, data.layout)
-        if layout == "folder":
-            return {data.instance_id or Path(data.root).resolve().name: {"category": data.category, "split": "user"}}
-        info = json.loads((Path(data.root) / info_file(layout)).read_text())
-        return {str(i): {"category": str(info["class_to_sc"][i]), "split": str(info["class_to_split"][i])}
-                for i in info["classes"]}  # fmt: skip
-    except (DatasetError, OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def resolve_negatives(
-    cfg: ExperimentConfig, instances: dict[str, dict] | None = None, selected: Sequence[str] | None = None
-) -> ExperimentConfig:
-    """``cfg`` with ``train.negatives`` made concrete for the instances it trains (``auto`` resolved by
-    :func:`personalization.contrastive.negatives.choose_negatives`; a UserError naming the fixes when nothing
-    applies). The one place train, `personalize run`'s check and the sweep resolve it."""
-    instances = dataset_instances(cfg) if instances is None else instances
-    if not instances:  # nothing to judge by yet (ingest reports the dataset's problems; the config its own)
-        return cfg
-    selected = common.select_instances(cfg, instances) if selected is None else selected
-    mode = choose_negatives(cfg.train, cfg.generate, instances, selected)
-    return cfg if mode == cfg.train.negatives else replace(cfg, **{"train.negatives": mode})
 
 
 def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
