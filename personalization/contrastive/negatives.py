@@ -16,6 +16,7 @@ without generation it needs ``negatives_dir`` or the stock photos.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -112,8 +113,10 @@ def _crops(image: Image.Image) -> list[Image.Image]:
     return [image] + [image.crop((x, y, x + w, y + h)) for x, y in corners]
 
 
+@functools.lru_cache(maxsize=8)
 def load_stock_negatives(category: str) -> pa.Table:
-    """Image rows (role ``negative``, source ``pretrained``): every stock photo and its four corner crops (RGB)."""
+    """Image rows (role ``negative``, source ``pretrained``): every stock photo and its four corner crops (RGB).
+    Cached per category for the process (train plans an object's triplets and then reads its rows: one decode)."""
     rows = []
     for path in stock_photo_paths():
         with Image.open(path) as image:
