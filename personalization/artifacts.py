@@ -182,34 +182,46 @@ def commit_stage(
         return final_dir
     clean_stale(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.tmp-"))
-    started = time.time()
-    try:
-        rows = build(tmp_dir)
-        if resolved_config is not None:
-            import yaml
 
-            (tmp_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(_jsonable(resolved_config), sort_keys=False))
-        fsync_tree(tmp_dir)
+    def install(tmp_dir: Path) -> None:
         if final_dir.exists():
             _remove(final_dir)
         os.replace(tmp_dir, final_dir)
         _fsync_dir(final_dir.parent)
-    except BaseException:
-        _remove(tmp_dir)
-        raise
-    write_json_atomic(
-        final_dir / MANIFEST,
-        {
-            "stage": stage,
-            "hash": key,
-            "config_hash": config_hash,
-            "inputs": input_hashes,
-            "rows": rows,
-            "schema_version": SCHEMA_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - started, 3),
-            **(dict(extra) if extra else {}),
-        },
-    )
+
+    header = {"stage": stage, "hash": key, "config_hash": config_hash, "inputs": input_hashes}
+    build_then_commit(final_dir, "tmp", build, install, header, resolved_config=resolved_config, extra=extra)
     return final_dir
+
+
+def build_then_commit(
+    final_dir: Path,
+    scratch: str,
+    build: Callable[[Path], int | None],
+    install: Callable[[Path], None],
+    manifest: Mapping[str, Any],
+    *,
+    resolved_config: Mapping | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """The commit shape every stage output shares: ``build(tmp)`` writes into a temporary sibling
+    ``.<name>.<scratch>-*`` (the resolved config beside it), every file there is fsynced, ``install(tmp)`` renames
+    it into ``final_dir``, and only then is ``_manifest.json`` written (``manifest`` plus ``rows``,
+    ``schema_version``, ``created``, ``seconds`` and ``extra``). The scratch folder is gone afterwards, whatever
+    happened."""
+    tmp_dir = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.{scratch}-"))
+    started = time.time()
+    try:
+        rows = build(tmp_dir)
+        if resolved_config is not None:
+            import yaml  # only stages that save a config pay for it
+
+            (tmp_dir / RESOLVED_CONFIG).write_text(yaml.safe_dump(_jsonable(resolved_config), sort_keys=False))
+        fsync_tree(tmp_dir)
+        install(tmp_dir)
+    finally:
+        if tmp_dir.exists():
+            _remove(tmp_dir)
+    created = {"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    seconds = round(time.time() - started, 3)
+    write_json_atomic(final_dir / MANIFEST, {**manifest, "rows": rows, **created, "seconds": seconds, **(extra or {})})

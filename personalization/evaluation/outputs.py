@@ -17,19 +17,15 @@ import json
 import math
 import os
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pycocotools import mask as mask_utils
 
 from personalization import schema
-from personalization.artifacts import MANIFEST, RESOLVED_CONFIG, fsync_tree, stage_hash, write_json_atomic
-from personalization.schema import SCHEMA_VERSION
+from personalization.artifacts import MANIFEST, RESOLVED_CONFIG, build_then_commit, stage_hash
 
 MODELS = ("pretrained", "personalized")
 RESULT = "result.json"
@@ -157,7 +153,8 @@ def commit_files(
     inputs: Mapping[str, str | Path] = {},
     resolved_config: Mapping | None = None,
 ) -> Path:
-    """Like ``artifacts.commit_stage`` for the summary files of a folder that also holds committed sub-folders.
+    """Like ``artifacts.commit_stage`` (the same ``build_then_commit`` shape) for the summary files of a folder
+    that also holds committed sub-folders.
 
     The old manifest goes first, ``build(tmp)`` writes into a temporary sibling, each file replaces its old copy
     by rename, and the manifest (same fields as ``commit_stage``'s) is written last: a crash in between leaves a
@@ -168,13 +165,8 @@ def commit_files(
     (final_dir / MANIFEST).unlink(missing_ok=True)
     for leftover in final_dir.parent.glob(f".{final_dir.name}.summary-*"):  # a crashed summary's scratch
         shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.summary-"))
-    started = time.time()
-    try:
-        rows = build(tmp)
-        if resolved_config is not None:
-            (tmp / RESOLVED_CONFIG).write_text(yaml.safe_dump(dict(resolved_config), sort_keys=False))
-        fsync_tree(tmp)
+
+    def install(tmp: Path) -> None:
         for name in SUMMARY_FILES:
             target = final_dir / name
             if target.is_dir():
@@ -185,9 +177,7 @@ def commit_files(
                 target.unlink(missing_ok=True)
         if (tmp / RESOLVED_CONFIG).exists():
             os.replace(tmp / RESOLVED_CONFIG, final_dir / RESOLVED_CONFIG)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    manifest = {"stage": stage, "hash": key, "config_hash": config_hash, "inputs": input_hashes, "rows": rows}
-    manifest |= {"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json_atomic(final_dir / MANIFEST, manifest | {"seconds": round(time.time() - started, 3)})
+
+    header = {"stage": stage, "hash": key, "config_hash": config_hash, "inputs": input_hashes}
+    build_then_commit(final_dir, "summary", build, install, header, resolved_config=resolved_config)
     return final_dir

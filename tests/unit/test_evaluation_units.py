@@ -162,3 +162,23 @@ def test_results_and_summary_keep_the_output_formats(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == {} and not (out / "examples").exists()
     assert {p: p.read_bytes() for p in out.glob(f"*/*/{MANIFEST}")} == manifests
     assert is_current(out, "evaluate", {"top": 2}) and not list(tmp_path.glob(".evaluate.summary-*"))
+
+
+def test_a_crashed_summary_leaves_no_manifest_no_scratch_and_keeps_the_units(tmp_path):
+    out = tmp_path / "evaluate"
+    one = lambda tmp: save_result(tmp, result(0.5, 0.5))  # noqa: E731
+    unit = commit_stage(out / "pretrained" / "a", "evaluate", {"unit": 1}, one)
+    commit_files(out, "evaluate", {"top": 1}, lambda tmp: (tmp / "metrics.json").write_text('{"old": 1}') and 1)
+
+    def crash(tmp):
+        (tmp / "metrics.json").write_text("{}")
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        commit_files(out, "evaluate", {"top": 2}, crash, resolved_config={"name": "n"})
+    assert read_manifest(out) is None and not list(tmp_path.glob(".evaluate.summary-*"))
+    assert json.loads((out / "metrics.json").read_text()) == {"old": 1}  # nothing renamed before the build ended
+    assert read_manifest(unit)["rows"] == 1 and not (out / "config.yaml").exists()
+    commit_files(out, "evaluate", {"top": 2}, lambda tmp: (tmp / "metrics.json").write_text("{}") and 0,
+                 resolved_config={"name": "n"})  # fmt: skip
+    assert is_current(out, "evaluate", {"top": 2}) and (out / "config.yaml").read_text() == "name: n\n"
