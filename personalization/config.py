@@ -80,7 +80,7 @@ class DataConfig:
     """Where the photos are and which instances to work on."""
 
     root: str = path_field()  # dataset folder (PODS / Dogs / DF2 layout) or a plain folder of one object's photos
-    layout: Literal["auto", "pods", "dogs", "df2", "folder"] = "auto"
+    layout: str = "auto"  # auto (detected) or a name in LAYOUTS (personalization/datasets/layouts.py)
     category: str = ""  # plain-folder layout only: the object's category, e.g. "mug"
     instance_id: str = ""  # plain-folder layout only: a name for the object (default: the folder name)
     instances: tuple[str, ...] = ()  # instances to personalize; empty = every instance whose split is `test`
@@ -90,6 +90,10 @@ class DataConfig:
     max_pixels: int = 100_000_000  # files with more pixels are refused before decoding (a decompression-bomb guard)
 
     def validate(self) -> None:
+        from personalization.datasets.layouts import layout_choices  # here: the datasets package loads PIL, pyarrow
+
+        choices = layout_choices()
+        require(self.layout in choices, "data.layout", f"must be one of {list(choices)}, got {self.layout!r}")
         check_positive(self.max_instances, "data.max_instances", allow_zero=True)
         check_positive(self.max_test_images, "data.max_test_images", allow_zero=True)
         check_positive(self.max_side, "data.max_side", allow_zero=True)
@@ -234,6 +238,10 @@ class GenerateConfig:
     negatives_per_category: int = 1000
     max_attempts: int = 5000
     prompts_file: str = path_field()  # JSON {instance_id: [prompts]}; empty = the built-in prompt bank
+    # template: the built-in bank; file: prompts_file; llm: an OpenAI-compatible endpoint named by the
+    # PERSONALIZE_LLM_* environment variables (personalization/synthesis/llm.py), asked once and kept in
+    # OUT/generate/prompts.json; auto: file when prompts_file is set, else template
+    prompt_source: Literal["auto", "template", "file", "llm"] = "auto"
     num_prompts: int = 100
     guidance_scale: float = 5.0  # classifier-free guidance (paper: 5.0, compared with 4.0 / 7.5); was generate.cfg
     steps: int = 50
@@ -272,6 +280,20 @@ class GenerateConfig:
                 "generate.prompts_file",
                 f"{self.prompts_file} does not exist; give a JSON file or leave it empty",
             )
+        self._validate_prompt_source()
+
+    def _validate_prompt_source(self) -> None:
+        require(
+            self.prompt_source != "file" or bool(self.prompts_file),
+            "generate.prompts_file",
+            "generate.prompt_source=file needs generate.prompts_file=FILE (JSON {instance_id: [prompts]})",
+        )
+        require(
+            self.prompt_source not in ("template", "llm") or not self.prompts_file,
+            "generate.prompt_source",
+            f"{self.prompt_source} does not read generate.prompts_file={self.prompts_file}: clear the file or use "
+            "generate.prompt_source=file",
+        )
 
 
 @dataclass(frozen=True)
@@ -316,7 +338,10 @@ class TrainConfig:
     num_positives: int = 0  # synthetic positives per instance to sample from; 0 = all
     num_negatives: int = 0  # negatives to sample from; 0 = all
     num_pairs: int = 0  # distinct anchor-positive pairs; 0 = unconstrained
-    positive_sources: tuple[str, ...] = ("cutpaste",)  # cutpaste, dreambooth, masked_dreambooth, real
+    positive_sources: tuple[str, ...] = ("cutpaste",)  # cutpaste, dreambooth, masked_dreambooth, real, released
+    # released generated positives: <instance_id>/ subfolders of images (positive source "released";
+    # personalization/contrastive/released.py)
+    positives_dir: str = path_field()
     # Each positive source's share of the anchor-positive pairs, e.g. {real: 1, cutpaste: 3} (one weight per entry of
     # positive_sources); empty = every positive in one pool, drawn uniformly (the plain union)
     source_weights: dict[str, float] = field(default_factory=dict)
@@ -360,10 +385,11 @@ class TrainConfig:
         require(
             self.zero_stage in (1, 2), "train.zero_stage", f"DeepSpeed ZeRO stage must be 1 or 2, got {self.zero_stage}"
         )
-        allowed = ("cutpaste", "dreambooth", "masked_dreambooth", "real")
+        allowed = ("cutpaste", "dreambooth", "masked_dreambooth", "real", "released")
         require(bool(self.positive_sources), "train.positive_sources", f"name at least one of {allowed}")
         for source in self.positive_sources:
             require(source in allowed, "train.positive_sources", f"{source!r} is not one of {allowed}")
+        self._validate_positives_dir()
         self._validate_source_weights()
         if self.negatives == "folder":
             require(
@@ -376,6 +402,26 @@ class TrainConfig:
                 Path(self.negatives_dir).is_dir(),
                 "train.negatives_dir",
                 f"{self.negatives_dir} is not a folder; point it at photos that do not show your object",
+            )
+
+    def _validate_positives_dir(self) -> None:
+        released = "released" in self.positive_sources
+        require(
+            not released or bool(self.positives_dir),
+            "train.positives_dir",
+            "positive source released needs train.positives_dir=DIR holding one <instance_id>/ folder of images each",
+        )
+        require(
+            released or not self.positives_dir,
+            "train.positives_dir",
+            f"{self.positives_dir} is read only as positive source released: add released to train.positive_sources "
+            "or clear train.positives_dir",
+        )
+        if self.positives_dir:
+            require(
+                Path(self.positives_dir).is_dir(),
+                "train.positives_dir",
+                f"{self.positives_dir} is not a folder; point it at the released positives (<instance_id>/ inside)",
             )
 
     def _validate_source_weights(self) -> None:

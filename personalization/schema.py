@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 _VERSION_KEY = b"personalization.schema_version"
 
 ROLES = ("real_train", "real_test", "positive", "negative", "background")
-SOURCES = ("real", "dreambooth", "masked_dreambooth", "cutpaste", "pretrained")
+SOURCES = ("real", "dreambooth", "masked_dreambooth", "cutpaste", "pretrained", "released")
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -73,8 +73,9 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# What image cells may hold: PNG (every stage writes it) and, for train.negatives_dir rows, a user's JPEG/WEBP/BMP
-# bytes kept as they were. Decoding is restricted to these, so no other Pillow decoder runs on table bytes.
+# What image cells may hold: PNG (every stage writes it) and, for train.negatives_dir and positives_dir rows, a
+# user's JPEG/WEBP/BMP bytes kept as they were. Decoding is restricted to these, so no other Pillow decoder runs on
+# table bytes.
 TABLE_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
 

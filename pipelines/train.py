@@ -71,6 +71,8 @@ def stage_inputs(cfg: ExperimentConfig) -> dict[str, Path]:
         inputs["filter"] = stage_dir(cfg, "filter")
     if cfg.train.negatives == "folder":
         inputs["negatives"] = Path(cfg.train.negatives_dir)
+    if "released" in sources:
+        inputs["released"] = Path(cfg.train.positives_dir)
     required = {"ingest"} | ({"cutpaste"} & sources) | ({"generate"} if "generate" in inputs else set())
     missing = [name for name in required if not inputs[name].exists()]
     if missing:
@@ -118,6 +120,7 @@ def training_sources(cfg: ExperimentConfig, instance_id: str, instances: dict[st
         positives=positives_paths(cfg, instance_id) if generated else [],
         negatives=_unit_paths(generated / "negatives", [category]) if generated else [],
         threshold=cfg.filter.threshold,
+        released=cfg.train.positives_dir,
     )
 
 

@@ -4,7 +4,8 @@ Roles for instance X (category C), chosen by :func:`select_training_rows`:
 
 - anchors: X's ``real_train`` rows (its few real photos).
 - positives: X's rows from each of ``train.positive_sources``: ``cutpaste`` / ``dreambooth`` /
-  ``masked_dreambooth`` = synthetic rows (role ``positive``) of that source; ``real`` = the anchors themselves.
+  ``masked_dreambooth`` = synthetic rows (role ``positive``) of that source; ``real`` = the anchors themselves;
+  ``released`` = the images in ``train.positives_dir/<X>/`` (contrastive/released.py).
 - negatives, by ``train.negatives``:
   - ``val``: the ``real_train`` photos **and** the cut-and-paste composites of the *val* instances of category C.
     Never other test instances: a real user has no photos of the objects we evaluate against.
@@ -31,6 +32,7 @@ import torch
 from PIL import Image
 
 from personalization.contrastive.negatives import load_stock_negatives
+from personalization.contrastive.released import load_released_positives
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import (
     IMAGE_SCHEMA,
@@ -120,6 +122,7 @@ class TrainingSources:
     positives: Sequence[Path | str] = ()  # generated positives: rescored by `personalize filter`, or as generated
     negatives: Sequence[Path | str] = ()  # generated negatives of the instance's category
     threshold: float | None = None  # filter.threshold, applied by read_positives
+    released: Path | str = ""  # train.positives_dir: <instance_id>/ folders of images (contrastive/released.py)
 
 
 def read_positives(
@@ -177,6 +180,9 @@ def read_training_rows(
     if sources_used & {"dreambooth", "masked_dreambooth"}:
         parts.append(read_positives(sources.positives, instance_id, sources.threshold, columns=columns,
                                     image_ids=image_ids))  # fmt: skip
+    if "released" in sources_used:
+        parts.append(load_released_positives(sources.released, instance_id, instances[instance_id]["category"],
+                                             columns=columns, image_ids=image_ids))  # fmt: skip
     if train_cfg.negatives == "generated":
         category = instances[instance_id]["category"]
         parts.append(read_image_table(sources.negatives, columns=columns, category=category, role="negative", **only))
