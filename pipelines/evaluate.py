@@ -45,7 +45,7 @@ from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.images import EvaluationImages, load_evaluation_images
-from personalization.evaluation.measure import DENSE_TASKS, evaluate_encoder
+from personalization.evaluation.measure import DENSE_TASKS, EvaluationInputs, evaluate_encoder
 from personalization.evaluation.outputs import (
     MODELS,
     add_to_metrics,
@@ -86,15 +86,9 @@ class EvaluateActor:
         return self._encoders[adapter]
 
     def evaluate(self, adapter: str, instances: list[str]) -> dict[str, dict]:
-        return evaluate_encoder(
-            self.encoder(adapter),
-            self.images_path,
-            self.sets,
-            instances,
-            self.settings["tasks"],
-            batch_size=self.settings["batch_size"],
-            min_object_pixels=self.settings["min_object_pixels"],
-        )
+        reading = {k: self.settings[k] for k in ("tasks", "batch_size", "min_object_pixels")}
+        inputs = EvaluationInputs(self.images_path, self.sets, instances, **reading)
+        return evaluate_encoder(self.encoder(adapter), inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"model": [], "instance": [], "result": [], "image": [], "error": []}

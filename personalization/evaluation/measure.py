@@ -49,19 +49,27 @@ def compute_templates(
     return templates
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationInputs:
+    """What one encoder is evaluated on: the evaluation images' Parquet folder and their sets, the instances
+    scored, the tasks asked, and the reading settings (rows per streamed batch; the fewest pixels a predicted
+    object keeps)."""
+
+    images_path: str | Path
+    sets: EvaluationImages
+    instances: Sequence[str]
+    tasks: Sequence[str]
+    batch_size: int
+    min_object_pixels: int
+
+
 def extract_features(
-    extractor: FeatureExtractor,
-    images_path: str | Path,
-    sets: EvaluationImages,
-    instances: Sequence[str],
-    tasks: Sequence[str],
-    *,
-    batch_size: int,
-    min_object_pixels: int,
+    extractor: FeatureExtractor, inputs: EvaluationInputs
 ) -> tuple[dict[str, np.ndarray], dict[str, list[dict]], dict[str, dict], dict[str, dict]]:
     """One streamed pass: embeddings {image_id: (D,)} of train + test images, RLE predictions {instance: [...]}
     on the dense images, the ground-truth annotations {image_id: RLE form or None} of the instances' own, and
     each instance's example (:func:`keep_if_best`)."""
+    images_path, sets, instances, tasks = inputs.images_path, inputs.sets, inputs.instances, inputs.tasks
     embed = set(sets.train + sets.test) if set(EMBED_TASKS) & set(tasks) else set()
     dense = set(sets.dense) if set(DENSE_TASKS) & set(tasks) else set()
     templates = compute_templates(extractor, images_path, sets, instances) if dense else {}
@@ -69,7 +77,7 @@ def extract_features(
     predictions: dict[str, list[dict]] = {i: [] for i in instances}
     annotations: dict[str, dict | None] = {}
     examples: dict[str, dict] = {}
-    for table in iter_rows(images_path, embed | dense, ["image", "mask"], batch_size):
+    for table in iter_rows(images_path, embed | dense, ["image", "mask"], inputs.batch_size):
         ids, images = table["image_id"].to_pylist(), table["image"].to_pylist()
         chosen = [k for k, i in enumerate(ids) if i in embed]
         if chosen:
@@ -80,7 +88,7 @@ def extract_features(
             continue
         hw = [sets.size[ids[k]] for k in chosen]
         for instance, prediction in extractor.predictions(
-            [images[k] for k in chosen], [ids[k] for k in chosen], hw, templates, min_object_pixels
+            [images[k] for k in chosen], [ids[k] for k in chosen], hw, templates, inputs.min_object_pixels
         ):
             predictions[instance].append(encode_prediction(prediction))
             keep_if_best(examples, instance, predictions[instance][-1], sets, images[ids.index(prediction.image_id)])
@@ -99,20 +107,10 @@ def keep_if_best(examples: dict[str, dict], instance: str, prediction: dict, set
         examples[instance] = {k: prediction[k] for k in ("image_id", "score", "rle")} | {"image": image}
 
 
-def evaluate_encoder(
-    extractor: FeatureExtractor,
-    images_path: str | Path,
-    sets: EvaluationImages,
-    instances: Sequence[str],
-    tasks: Sequence[str],
-    *,
-    batch_size: int,
-    min_object_pixels: int,
-) -> dict[str, dict]:
+def evaluate_encoder(extractor: FeatureExtractor, inputs: EvaluationInputs) -> dict[str, dict]:
     """{instance: {"metrics", "curve", "predictions", "example"}} of one encoder (see the module docstring)."""
-    embeddings, predictions, annotations, examples = extract_features(
-        extractor, images_path, sets, instances, tasks, batch_size=batch_size, min_object_pixels=min_object_pixels
-    )
+    embeddings, predictions, annotations, examples = extract_features(extractor, inputs)
+    sets, instances, tasks = inputs.sets, inputs.instances, inputs.tasks
     results = {}
     for instance in instances:
         metrics, curve = compute_embedding_metrics(embeddings, sets, instance, tasks)

@@ -11,7 +11,9 @@ from personalization import schema
 from personalization.artifacts import MANIFEST, commit_stage, is_current, read_manifest
 from personalization.evaluation.coco import encode_annotation, encode_prediction, evaluate_coco, evaluate_coco_compact
 from personalization.evaluation.dense import DensePrediction, mask_box
+from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.images import iter_rows, load_evaluation_images
+from personalization.evaluation.measure import EvaluationInputs, evaluate_encoder
 from personalization.evaluation.outputs import commit_files, load_result, save_result, write_summary
 
 HW = (40, 50)
@@ -182,3 +184,17 @@ def test_a_crashed_summary_leaves_no_manifest_no_scratch_and_keeps_the_units(tmp
     commit_files(out, "evaluate", {"top": 2}, lambda tmp: (tmp / "metrics.json").write_text("{}") and 0,
                  resolved_config={"name": "n"})  # fmt: skip
     assert is_current(out, "evaluate", {"top": 2}) and (out / "config.yaml").read_text() == "name: n\n"
+
+
+def test_evaluate_encoder_results_do_not_depend_on_the_streamed_batch_size(two_shards):
+    extractor = FeatureExtractor({"backbone": "mobilenetv2", "image_size": 32}, device="cpu")
+    sets = load_evaluation_images(two_shards, {"a": {"split": "test"}, "b": {"split": "test"}})
+    tasks = ("classification", "retrieval", "detection", "segmentation")
+    found = [
+        evaluate_encoder(extractor, EvaluationInputs(two_shards, sets, ["a", "b"], tasks, batch, min_object_pixels=1))
+        for batch in (1, 8)
+    ]
+    assert found[0] == found[1] and list(found[0]) == ["a", "b"]
+    assert set(found[0]["a"]) == {"metrics", "curve", "split_metrics", "predictions", "example"}
+    assert 0.0 <= found[0]["a"]["metrics"]["classification/pr_auc"] <= 1.0
+    assert {p["image_id"] for p in found[0]["a"]["predictions"]} <= set(sets.dense)
