@@ -80,7 +80,7 @@ class DataConfig:
     """Where the photos are and which instances to work on."""
 
     root: str = path_field()  # dataset folder (PODS / Dogs / DF2 layout) or a plain folder of one object's photos
-    layout: Literal["auto", "pods", "dogs", "df2", "folder"] = "auto"
+    layout: str = "auto"  # auto (detected) or a name in LAYOUTS (personalization/datasets/layouts.py)
     category: str = ""  # plain-folder layout only: the object's category, e.g. "mug"
     instance_id: str = ""  # plain-folder layout only: a name for the object (default: the folder name)
     instances: tuple[str, ...] = ()  # instances to personalize; empty = every instance whose split is `test`
@@ -90,6 +90,10 @@ class DataConfig:
     max_pixels: int = 100_000_000  # files with more pixels are refused before decoding (a decompression-bomb guard)
 
     def validate(self) -> None:
+        from personalization.datasets.layouts import layout_choices  # here: the datasets package loads PIL, pyarrow
+
+        choices = layout_choices()
+        require(self.layout in choices, "data.layout", f"must be one of {list(choices)}, got {self.layout!r}")
         check_positive(self.max_instances, "data.max_instances", allow_zero=True)
         check_positive(self.max_test_images, "data.max_test_images", allow_zero=True)
         check_positive(self.max_side, "data.max_side", allow_zero=True)

@@ -14,6 +14,10 @@ Layouts:
   ``data.category``, instance id from ``data.instance_id`` or the folder name; split "train", instance split "user".
 - ``auto``: the layout whose info file exists, else ``folder``.
 
+``LAYOUTS`` maps each name to a :class:`LayoutSpec` (its info file, by which ``auto`` detects it, its annos file,
+its scanner and the files it reads); detection, ``scan_dataset``, the stage cache's listing and the choices of
+``data.layout`` all read that table.
+
 Images pair with masks by file STEM (``a.jpg`` <-> ``a.png``), never by listing order. Structural problems
 (missing info file or folder, unknown instance, 0 or > 50 train photos, orphan masks, links out of the root) are
 collected in an :class:`ErrorLog` so the reader reports them together with the per-image ones.
@@ -25,6 +29,7 @@ import json
 import random
 import unicodedata
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +42,6 @@ from personalization.datasets.images import (
 )
 from personalization.paths import NAME_RULE, is_safe_name, slugify
 
-INFO_LAYOUTS = ("pods", "dogs", "df2")
-LAYOUTS = ("auto", *INFO_LAYOUTS, "folder")
 TEST_SPLITS = ("in_distribution", "pose", "distractors", "pose_and_distractors")
 MIN_TRAIN_IMAGES, MAX_TRAIN_IMAGES = 1, 50
 # (image folder, mask folder, role, masks required)
@@ -47,14 +50,6 @@ LAYOUT_FOLDERS = (
     ("test", "test_masks", "real_test", False),
     ("test_dense", "test_dense_masks", "real_test", True),  # dense = annotated for detection/segmentation
 )
-
-
-def info_file(layout: str) -> str:
-    return f"{layout}_info.json"
-
-
-def annos_file(layout: str) -> str:
-    return f"{layout}_image_annos.json"
 
 
 @dataclass(frozen=True)
@@ -81,21 +76,22 @@ class DatasetScan:
 
 
 def detect_layout(root: str | Path, layout: str = "auto") -> str:
-    """The concrete layout of ``root``; an explicit info layout must have its info file."""
+    """The concrete layout of ``root``; an explicit layout with an info file must have it."""
     root = Path(root)
-    if layout not in LAYOUTS:
-        raise DatasetError(f"data.layout={layout!r} is not one of {LAYOUTS}")
+    if layout not in layout_choices():
+        raise DatasetError(f"data.layout={layout!r} is not one of {layout_choices()}")
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root is not a folder; pass data.root=DIR")
     if layout == "auto":
-        found = [name for name in INFO_LAYOUTS if (root / info_file(name)).is_file()]
+        found = [spec for spec in LAYOUTS.values() if spec.info_file and (root / spec.info_file).is_file()]
         if len(found) > 1:
-            raise DatasetError(f"{root}: holds several info files {[info_file(n) for n in found]}; pass data.layout")
-        return found[0] if found else "folder"
-    if layout in INFO_LAYOUTS and not (root / info_file(layout)).is_file():
+            raise DatasetError(f"{root}: holds several info files {[s.info_file for s in found]}; pass data.layout")
+        return found[0].name if found else FALLBACK_LAYOUT
+    spec = LAYOUTS[layout]
+    if spec.info_file and not (root / spec.info_file).is_file():
         raise DatasetError(
-            f"{root / info_file(layout)}: missing; the {layout} layout needs it (classes, class_to_sc, "
-            "class_to_split), or pass data.layout=folder for a plain folder of photos"
+            f"{root / spec.info_file}: missing; the {layout} layout needs it (classes, class_to_sc, "
+            f"class_to_split), or pass data.layout={FALLBACK_LAYOUT} for a plain folder of photos"
         )
     return layout
 
@@ -236,9 +232,10 @@ def _checked_names(names: list, where: str, errors: ErrorLog) -> list[str]:
     return kept
 
 
-def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
-    scan = DatasetScan(root=root, layout=layout, errors=errors)
-    info_path = root / info_file(layout)
+def scan_info_layout(root: Path, spec: LayoutSpec, errors: ErrorLog, **_folder_options: str) -> DatasetScan:
+    """The PODS folder structure, described by ``spec.info_file`` (and ``spec.annos_file``)."""
+    scan = DatasetScan(root=root, layout=spec.name, errors=errors)
+    info_path = root / spec.info_file
     info = _read_json(info_path, errors)
     if info is None:
         return scan
@@ -253,11 +250,11 @@ def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
     ):
         errors.add(f"{info_path}: classes must be a list, class_to_sc and class_to_split objects")
         return scan
-    annos_path = root / annos_file(layout)
+    annos_path = root / spec.annos_file
     annos = _read_json(annos_path, errors) if annos_path.is_file() else None
-    if layout == "pods" and not annos_path.is_file():
-        errors.add(f"{annos_path}: missing; PODS needs it to know each test image's test_split")
-    lookup = _Annos(annos_path, annos, required=layout == "pods")
+    if spec.annos_required and not annos_path.is_file():
+        errors.add(f"{annos_path}: missing; {spec.name.upper()} needs it to know each test image's test_split")
+    lookup = _Annos(annos_path, annos, required=spec.annos_required)
 
     classes = _checked_names(info["classes"], f"{info_path}: classes", errors)
     for folder in ("train", "test", "test_dense"):
@@ -303,8 +300,11 @@ def scan_info_layout(root: Path, layout: str, errors: ErrorLog) -> DatasetScan:
     return scan
 
 
-def scan_folder_layout(root: Path, category: str, instance_id: str, errors: ErrorLog) -> DatasetScan:
-    scan = DatasetScan(root=root, layout="folder", errors=errors)
+def scan_folder_layout(
+    root: Path, spec: LayoutSpec, errors: ErrorLog, *, category: str = "", instance_id: str = ""
+) -> DatasetScan:
+    """A user's own object: photos at the top of ``root``, optional masks in ``masks/``."""
+    scan = DatasetScan(root=root, layout=spec.name, errors=errors)
     if not category:
         errors.add(
             f"{root}: a plain folder of photos needs its object's category; pass data.category=NAME "
@@ -359,11 +359,78 @@ def scan_dataset(
 ) -> DatasetScan:
     """List every image of a dataset with its row fields; structural problems land in ``scan.errors``."""
     root = Path(root)
-    layout = detect_layout(root, layout)
-    errors = ErrorLog(root)
-    if layout == "folder":
-        scan = scan_folder_layout(root, category, instance_id, errors)
-    else:
-        scan = scan_info_layout(root, layout, errors)
+    spec = LAYOUTS[detect_layout(root, layout)]
+    scan = spec.scan(root, spec, ErrorLog(root), category=category, instance_id=instance_id)
     scan.entries = subsample_test(scan.entries, max_test_images, seed)
     return scan
+
+
+def list_info_layout_files(root: Path, spec: LayoutSpec) -> list[Path]:
+    """The info and annos files and every image and mask under the PODS folders (whether or not they exist)."""
+    files = [root / spec.info_file, root / spec.annos_file]
+    for image_folder, mask_folder, _role, _required in LAYOUT_FOLDERS:
+        for top in (root / image_folder, root / mask_folder):
+            files.extend(p for p in top.glob("*/*") if is_image_file(p))
+    return files
+
+
+def list_folder_layout_files(root: Path, spec: LayoutSpec) -> list[Path]:
+    """The photos at the top of ``root`` and the masks in ``masks/``."""
+    folders = [root, root / "masks"]
+    return [p for folder in folders if folder.is_dir() for p in folder.iterdir() if is_image_file(p)]
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """One dataset layout: how ``data.layout=auto`` detects it, the files that describe it, and its reader.
+
+    ``scan(root, spec, errors, category=..., instance_id=...)`` lists the images (structural problems go to
+    ``errors``); ``list_files(root, spec)`` names every file the layout reads (their sizes and times are the stage
+    cache's identity of the data).
+    """
+
+    name: str
+    scan: Callable[..., DatasetScan]
+    list_files: Callable[[Path, LayoutSpec], list[Path]]
+    info_file: str = ""  # at the dataset root; auto picks the layout whose info file exists ("" = never detected)
+    annos_file: str = ""  # optional (unless annos_required) test-split annotations at the root
+    annos_required: bool = False
+
+
+def make_info_layout(name: str, annos_required: bool = False) -> LayoutSpec:
+    """A layout in the PODS folder structure, described by ``<name>_info.json`` (+ ``<name>_image_annos.json``)."""
+    return LayoutSpec(
+        name,
+        scan_info_layout,
+        list_info_layout_files,
+        info_file=f"{name}_info.json",
+        annos_file=f"{name}_image_annos.json",
+        annos_required=annos_required,
+    )
+
+
+# In detection order; FALLBACK_LAYOUT is what auto picks when no info file is found.
+LAYOUTS: dict[str, LayoutSpec] = {
+    spec.name: spec
+    for spec in (
+        make_info_layout("pods", annos_required=True),
+        make_info_layout("dogs"),
+        make_info_layout("df2"),
+        LayoutSpec("folder", scan_folder_layout, list_folder_layout_files),
+    )
+}
+FALLBACK_LAYOUT = "folder"
+
+
+def layout_choices() -> tuple[str, ...]:
+    """The values ``data.layout`` accepts: ``auto`` and every registered layout."""
+    return ("auto", *LAYOUTS)
+
+
+def info_file(layout: str) -> str:
+    """The info file of a detected ``layout`` ("" for one without, like ``folder``)."""
+    return LAYOUTS[layout].info_file
+
+
+def annos_file(layout: str) -> str:
+    return LAYOUTS[layout].annos_file

@@ -22,19 +22,10 @@ from personalization.datasets.images import (
     DEFAULT_MAX_PIXELS,
     DatasetError,
     ErrorLog,
-    is_image_file,
     load_image,
     load_mask,
 )
-from personalization.datasets.layouts import (
-    LAYOUT_FOLDERS,
-    DatasetScan,
-    ImageEntry,
-    annos_file,
-    detect_layout,
-    info_file,
-    scan_dataset,
-)
+from personalization.datasets.layouts import LAYOUTS, DatasetScan, ImageEntry, detect_layout, scan_dataset
 from personalization.schema import make_image_id, make_row
 
 log = logging.getLogger(__name__)
@@ -113,17 +104,9 @@ def read_dataset(
 def dataset_listing(root: str | Path, layout: str = "auto") -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of every file the layout reads, sorted: a cheap identity of the data."""
     root = Path(root)
-    layout = detect_layout(root, layout)
-    if layout == "folder":
-        folders = [root, root / "masks"]
-        files = [p for folder in folders if folder.is_dir() for p in folder.iterdir() if is_image_file(p)]
-    else:
-        files = [root / info_file(layout), root / annos_file(layout)]
-        for image_folder, mask_folder, _role, _required in LAYOUT_FOLDERS:
-            for top in (root / image_folder, root / mask_folder):
-                files.extend(p for p in top.glob("*/*") if is_image_file(p))
+    spec = LAYOUTS[detect_layout(root, layout)]
     listing = []
-    for path in files:
+    for path in spec.list_files(root, spec):
         if path.exists():
             stat = path.stat()  # follows links: a changed link target changes the listing
             listing.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))

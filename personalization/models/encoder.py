@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personalization.config import ModelConfig
+from personalization.models.families import Family, get_family
 from personalization.models.registry import BackboneSpec, get_spec, load_backbone
 
 EmbedKind = Literal["cls", "cls+mean"]
@@ -49,6 +50,11 @@ class Encoder(nn.Module):
         return get_base() if callable(get_base) else self.backbone
 
     @property
+    def family(self) -> Family:
+        """The adapter of ``spec.family``: how this backbone's tokens and features are computed."""
+        return get_family(self.spec.family)
+
+    @property
     def patch_size(self) -> int:
         """Stride of the dense grid: the loaded checkpoint's ViT patch size (a tiny zoo model may differ from the
         registry's), 32 for the CNN."""
@@ -58,9 +64,7 @@ class Encoder(nn.Module):
     @property
     def width(self) -> int:
         """C: channels of one token / cell (768 for ViT-B, 1280 for MobileNetV2)."""
-        if self.spec.family == "mobilenetv2":
-            return self.base_model.last_channel
-        return self.base_model.config.hidden_size
+        return self.family.width(self.base_model)
 
     @property
     def feature_dim(self) -> int:
@@ -76,23 +80,7 @@ class Encoder(nn.Module):
 
     def tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalized (cls (B, C), grid (B, h, w, C)); cls is the pooled vector for the CNN."""
-        model, family = self.base_model, self.spec.family
-        batch, _, height, width = pixels.shape
-        if family == "mobilenetv2":
-            grid = model.features(pixels).permute(0, 2, 3, 1)
-            return grid.mean(dim=(1, 2)), grid
-        h, w = height // self.patch_size, width // self.patch_size
-        if family == "dinov2":  # always interpolates its position embeddings
-            hidden = model(pixel_values=pixels).last_hidden_state
-        elif family == "clip":
-            hidden = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
-            hidden = model.vision_model.post_layernorm(hidden)
-        else:  # mae: increasing noise makes the (mask_ratio 0) shuffle the identity, so patches stay in raster order
-            # (float32 even under half precision: fp16 cannot count past 2048 patches exactly)
-            noise = torch.arange(h * w, device=pixels.device, dtype=torch.float32).expand(batch, -1)
-            hidden = model(pixel_values=pixels, noise=noise, interpolate_pos_encoding=True).last_hidden_state
-        # Patch tokens are the last h*w tokens (anything between CLS and them, e.g. registers, is skipped).
-        return hidden[:, 0], hidden[:, -h * w :].reshape(batch, h, w, -1)
+        return self.family.tokens(self.base_model, pixels, self.patch_size)
 
     def train_features(self, pixels: torch.Tensor) -> torch.Tensor:
         cls, grid = self.tokens(pixels)
@@ -116,12 +104,7 @@ class Encoder(nn.Module):
         return F.normalize(self.tokens(pixels)[1], dim=-1)
 
     def _cls_mean(self, cls: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        if self.spec.family == "mobilenetv2":
-            cells = F.normalize(grid, dim=-1).mean(dim=(1, 2))
-            cls, mean = F.normalize(cls, dim=-1), F.normalize(cells, dim=-1)
-        else:
-            mean = grid.mean(dim=(1, 2))
-        return F.normalize(torch.cat([cls, mean], dim=-1), dim=-1)
+        return self.family.cls_mean(cls, grid)
 
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)

@@ -291,3 +291,31 @@ def test_listing_tracks_the_files_read(tmp_path):
     assert len(listing) == 2 + 2 * (9 + 24 + 3)
     photo(tmp_path / "train/mug_a/new.jpg", 50)
     assert len(dataset_listing(tmp_path)) == len(listing) + 1
+
+
+def test_a_registered_layout_round_trips_through_config_detection_and_ingest(tmp_path, monkeypatch):
+    """The docs' worked example (docs/extending.md, "A dataset layout"): one LAYOUTS entry, nothing else."""
+    import dataclasses
+
+    from personalization.config import ConfigError, build_config
+    from personalization.datasets.layouts import LAYOUTS, make_info_layout
+    from personalization.schema import read_image_table
+    from pipelines import ingest
+
+    with pytest.raises(ConfigError, match=r"data.layout: must be one of \['auto', 'pods', 'dogs', 'df2', 'folder'\]"):
+        build_config({"data": {"layout": "cars"}})
+    monkeypatch.setitem(LAYOUTS, "cars", make_info_layout("cars"))
+    root = tmp_path / "cars"
+    expected = write_dataset(root, "cars", annos="relpath")
+    assert detect_layout(root) == "cars"
+    assert ("cars_image_annos.json", "cars_info.json") == tuple(sorted(p for p, *_ in dataset_listing(root))[:2])
+    out = ingest.run(build_config({"output_dir": str(tmp_path / "out"), "data": {"root": str(root), "layout": "cars"}}))
+    check_rows(read_image_table(out).to_pylist(), expected, root)
+    assert json.loads((out / "instances.json").read_text()) == {
+        i: {"category": c, "split": s} for i, (c, s) in INSTANCES.items()
+    }
+    # A scanner reused under another name: a copy of the plain-folder layout, chosen explicitly.
+    monkeypatch.setitem(LAYOUTS, "photos", dataclasses.replace(LAYOUTS["folder"], name="photos"))
+    photo(tmp_path / "mug" / "a.jpg", 0)
+    rows, instances = read_dataset(tmp_path / "mug", layout="photos", category="mug")
+    assert instances == {"mug": {"category": "mug", "split": "user"}} and len(rows) == 1
