@@ -15,11 +15,13 @@ from pathlib import Path
 
 from personalization.config import ConfigError, ExperimentConfig, load_config, path_fields, replace, to_dict
 from personalization.contrastive.negatives import choose_negatives
+from personalization.contrastive.released import check_released_positives
 from personalization.datasets import DatasetError, detect_layout
 from personalization.datasets.layouts import info_file
 from personalization.errors import MissingInputError, UserError
 from personalization.output_lock import hold_output_lock
 from personalization.paths import inside
+from personalization.synthesis.prompts_llm import PROMPTS_FILE, check_llm_endpoint
 from pipelines.local_ray import closed_local_ray
 
 log = logging.getLogger("personalize")
@@ -215,6 +217,27 @@ def check_before_start(cfg: ExperimentConfig) -> None:
     for every command."""
     cfg.data.require_root()
     resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage
+    check_own_folders(cfg)
+
+
+def check_own_folders(cfg: ExperimentConfig) -> None:
+    """What the selected instances need from outside OUT: their train.positives_dir folders (positive source
+    released) and, for generate.prompt_source=llm, the endpoint's variables (:func:`check_prompt_source`)."""
+    instances = dataset_instances(cfg)
+    selected = select_instances(cfg, instances) if instances else []
+    if "released" in cfg.train.positive_sources:
+        check_released_positives(cfg.train.positives_dir, selected)
+    if cfg.generate.enabled:
+        check_prompt_source(cfg, selected, instances)
+
+
+def check_prompt_source(cfg: ExperimentConfig, selected: Sequence[str], instances: dict[str, dict]) -> None:
+    """generate.prompt_source=llm with prompts still to ask for (none in OUT/generate/prompts.json yet): the
+    PERSONALIZE_LLM_* variables are set, else a UserError naming them (personalization/synthesis/llm.py)."""
+    if cfg.generate.prompt_source == "llm":
+        path = stage_dir(cfg, "generate", PROMPTS_FILE)
+        categories = {i: instances[i]["category"] for i in selected}
+        check_llm_endpoint(categories, path, cfg.generate.num_prompts, os.environ)
 
 
 def scorer_kwargs(cfg: ExperimentConfig) -> dict:

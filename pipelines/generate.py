@@ -31,7 +31,9 @@ from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
 from personalization.synthesis.generators import find_generator
+from personalization.synthesis.llm import endpoint_from_env
 from personalization.synthesis.prompts import build_prompts, load_prompts
+from personalization.synthesis.prompts_llm import PROMPTS_FILE, llm_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
 from pipelines.common import ray_session, resolved, scorer_kwargs, stage_dir, stage_main
@@ -191,6 +193,21 @@ def check_inputs(cfg: ExperimentConfig, instance_ids: Sequence[str]) -> dict[str
     return generators
 
 
+def prompts_path(cfg: ExperimentConfig) -> Path:
+    """Where ``generate.prompt_source=llm`` keeps the prompts it was given (reused by every later run)."""
+    return stage_dir(cfg, STAGE, PROMPTS_FILE)
+
+
+def choose_prompts(cfg: ExperimentConfig, categories: dict[str, str]) -> dict[str, list[str]]:
+    """``generate.num_prompts`` prompts per instance (``categories`` = {instance_id: category}), from the source
+    ``generate.prompt_source`` names: the built-in bank, ``generate.prompts_file`` or the LLM endpoint."""
+    gen = cfg.generate
+    if gen.prompt_source == "llm":
+        return llm_prompts(categories, prompts_path(cfg), gen.num_prompts, lambda: endpoint_from_env(os.environ))
+    prompts_file = gen.prompts_file if gen.prompt_source in ("auto", "file") else ""
+    return build_prompts(categories, prompts_file, n=gen.num_prompts, seed=cfg.seed)
+
+
 def _sampling_config(cfg: ExperimentConfig) -> dict:
     keys = ("steps", "image_size", "scheduler")  # "cfg": the guidance scale under its image-table name
     sampling = {"cfg": cfg.generate.guidance_scale} | {k: getattr(cfg.generate, k) for k in keys}
@@ -259,7 +276,7 @@ def run_positives(
     """
     gen = cfg.generate
     categories = {i: instances[i]["category"] for i in instance_ids}
-    prompts = build_prompts(categories, gen.prompts_file, n=gen.num_prompts, seed=cfg.seed)
+    prompts = choose_prompts(cfg, categories)
     filtered = cfg.filter.enabled
     per_instance = gen.max_attempts if filtered else gen.positives_per_instance
     out = stage_dir(cfg, STAGE, "positives")
@@ -394,6 +411,7 @@ def _drop_single_unit_layout(out: Path) -> None:
 def run(cfg: ExperimentConfig) -> Path:
     instances, instance_ids = _read_instances(cfg)
     generators = check_inputs(cfg, instance_ids)
+    common.check_prompt_source(cfg, instance_ids, instances)
     with ray_session(cfg):  # one Ray for both parts (reused when already running)
         if cfg.generate.negatives_per_category:
             run_negatives(cfg, sorted({instances[i]["category"] for i in instance_ids}))

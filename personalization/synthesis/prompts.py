@@ -15,6 +15,7 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from personalization.artifacts import write_text_atomic
 from personalization.errors import UserError
 
 TOKEN = "<new1>"
@@ -113,48 +114,15 @@ def load_prompts(path: str | Path) -> dict[str, list[str]]:
 
 def save_prompts(prompts: Mapping[str, Sequence[str]], path: str | Path) -> Path:
     validate_prompts(prompts, where=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: list(v) for k, v in prompts.items()}, indent=1))
-    return path
-
-
-def write_prompts_with_llm(
-    category: str, n: int, url: str, *, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0
-) -> list[str]:
-    """Ask an OpenAI-compatible chat endpoint (``url`` = .../v1/chat/completions) for ``n`` prompts, as the paper
-    did. The key comes only from the environment variable ``api_key_env``; prompts lacking ``<new1>`` are dropped
-    and an endpoint that returns too few is an error."""
-    import os
-    import urllib.request
-
-    request_text = (
-        f"Write {n} different one-line prompts for a text-to-image model, each showing the object '{TOKEN} "
-        f"{category}' in a different scene, viewpoint, lighting or context. Every line must contain exactly "
-        f"'{TOKEN} {category}'. Reply with the prompts only, one per line."
-    )
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": request_text}]}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
-    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=timeout) as reply:
-        content = json.loads(reply.read())["choices"][0]["message"]["content"]
-    prompts = []
-    for line in content.splitlines():
-        line = line.strip().lstrip("-*0123456789.) ").strip()
-        if TOKEN in line and line not in prompts:
-            prompts.append(line)
-    if len(prompts) < n:
-        raise PromptError(f"{url}: the endpoint returned {len(prompts)} usable prompts for {category!r}, asked {n}")
-    return prompts[:n]
+    return write_text_atomic(path, json.dumps({k: list(v) for k, v in prompts.items()}, indent=1))
 
 
 def build_prompts(
     instances: Mapping[str, str], prompts_file: str = "", n: int = 100, seed: int = 0
 ) -> dict[str, list[str]]:
     """Prompts per instance (``instances`` = {instance_id: category}): from ``prompts_file`` when given (every
-    instance must be in it), else the built-in bank. At most ``n`` prompts per instance. (To use an LLM, write a
-    prompt file with ``write_prompts_with_llm`` + ``save_prompts`` once, then point ``generate.prompts_file`` at it.)"""
+    instance must be in it), else the built-in bank. At most ``n`` prompts per instance. (LLM-written prompts:
+    personalization/synthesis/prompts_llm.py.)"""
     if prompts_file:
         loaded = load_prompts(prompts_file)
         missing = sorted(set(instances) - set(loaded))

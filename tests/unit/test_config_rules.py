@@ -85,6 +85,7 @@ def test_path_fields_are_the_marked_ones():
         "generate.prompts_file": "input",
         "filter.cache_dir": "input",
         "filter.sam_weights": "input",
+        "train.positives_dir": "input",
         "train.negatives_dir": "input",
     }
 

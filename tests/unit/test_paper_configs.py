@@ -17,6 +17,7 @@ from personalization.datasets import make_toy
 from personalization.filtering.embedders import check_dreamsim_cache
 from personalization.models.registry import get_spec, load_backbone
 from personalization.synthesis.dreambooth import check_generator_dir
+from personalization.synthesis.llm import ENV_VARS, LLMError
 from personalization.synthesis.prompts import load_prompts
 from personalization.zoo import build_zoo
 from personalization.zoo.dreamsim import DREAMSIM_TYPE
@@ -105,9 +106,16 @@ def test_the_folder_holds_every_experiment():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_passes_the_checks_before_work(path, world):
+def test_config_passes_the_checks_before_work(path, world, monkeypatch):
     cfg = load_config(path, _overrides(path, world))
     assert cfg.name == path.stem
+    if cfg.generate.prompt_source == "llm":  # its run line names the endpoint; without it, run stops at once
+        for name in ENV_VARS:
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(LLMError, match=ENV_VARS[0]):
+            check_before_start(cfg)
+        for name in ENV_VARS:
+            monkeypatch.setenv(name, "http://127.0.0.1:9/v1")
     check_before_start(cfg)
     if cfg.dreambooth.enabled:
         check_generator_dir(cfg.dreambooth.base_model)

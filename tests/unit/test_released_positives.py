@@ -12,6 +12,7 @@ from personalization.config import ConfigError, build_config
 from personalization.contrastive.released import load_released_positives
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import decode_image, make_image_id, make_row, write_image_table
+from pipelines.common import check_before_start
 from pipelines.train import instance_rows, plan_triplets, stage_inputs
 
 INSTANCES = {"mug_01": {"category": "mug", "split": "test"}}
@@ -119,3 +120,17 @@ def test_config_ties_released_to_positives_dir(world):
     with pytest.raises(ConfigError, match=r"train\.positives_dir: .*nowhere is not a folder"):
         build_config({"train": {"positive_sources": ["released"], "positives_dir": str(tmp_path / "nowhere")}})
     assert _config(tmp_path, out, source_weights={"real": 0, "released": 1}).train.source_weights["released"] == 1
+
+
+def test_run_stops_before_any_work_without_the_instance_folder(tmp_path):
+    photos = tmp_path / "my_mug"
+    photos.mkdir()
+    Image.fromarray(skimage.data.coffee()[:64, :64]).save(photos / "a.png")
+    (tmp_path / "released").mkdir()
+    overrides = {"data": {"root": str(photos), "category": "mug"},
+                 "train": {"positive_sources": ["released"], "positives_dir": str(tmp_path / "released"),
+                           "stock_negatives": True}}  # fmt: skip
+    cfg = build_config({"output_dir": str(tmp_path / "out")}, overrides)
+    with pytest.raises(MissingInputError, match=r"released/my_mug does not exist: instance 'my_mug'"):
+        check_before_start(cfg)
+    assert not (tmp_path / "out").exists()
