@@ -10,7 +10,6 @@ work is single-threaded), which is the point of the stage.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from benchmarks.common import Result, local_ray, ratio, timed, toy_workspace
@@ -19,10 +18,10 @@ from benchmarks.common import Result, local_ray, ratio, timed, toy_workspace
 def plain_loop(cfg, out) -> int:
     from personalization import schema
     from personalization.synthesis.cutpaste import composite_options, make_composites
-    from pipelines.common import stage_dir
+    from pipelines.common import load_instances, stage_dir
     from pipelines.cutpaste import _encoded_backgrounds, _load_real_rows, select_instances
 
-    instances = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
+    instances = load_instances(cfg)
     real = _load_real_rows(stage_dir(cfg, "ingest", "images.parquet"), select_instances(cfg, instances))
     blobs, key = _encoded_backgrounds(cfg)
     backgrounds = [schema.decode_image(b) for b in blobs]

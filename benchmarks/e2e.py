@@ -125,10 +125,10 @@ def evaluate_floor(cfg, out: Path, objects: list[str]) -> dict[str, float]:
     from personalization.config import to_dict
     from personalization.evaluation.dense import compute_similarity_map, segment_similarity
     from personalization.evaluation.extract import FeatureExtractor
-    from personalization.evaluation.images import iter_rows, load_evaluation_images
+    from personalization.evaluation.images import iter_rows, load_evaluation_images, load_instances_file
 
     images_path = out / "ingest" / "images.parquet"
-    sets = load_evaluation_images(images_path, json.loads((out / "ingest" / "instances.json").read_text()))
+    sets = load_evaluation_images(images_path, load_instances_file(out / "ingest"))
     embeds = len(sets.train) + len(sets.test)
     templates = {i: len(sets.masked_train(i)) for i in objects}
     dense = {"pretrained": len(sets.dense) + sum(templates.values())}

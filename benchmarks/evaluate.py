@@ -72,9 +72,9 @@ def plain_loop(cfg, instances: list[str]) -> int:
 
     from personalization.config import to_dict
     from personalization.evaluation.extract import FeatureExtractor
-    from pipelines.common import stage_dir
+    from pipelines.common import load_instances, stage_dir
 
-    info = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
+    info = load_instances(cfg)
     tables = load_tables(stage_dir(cfg, "ingest", "images.parquet"), info)
     masked = tables["train"].filter(pc.is_valid(tables["train"]["mask"]))
     size, done = cfg.evaluate.batch_size, 0
@@ -103,7 +103,7 @@ def measure(instances: int = 3, size: int = 64, batch: int = 16) -> Result:
     from personalization.config import build_config
     from personalization.zoo import build_zoo
     from pipelines import evaluate
-    from pipelines.common import stage_dir
+    from pipelines.common import load_instances, stage_dir
 
     dinov2 = build_zoo(zoo_dir(), parts=["dinov2"])["dinov2"]
     result = Result("evaluate", "ray stage / plain loop, encoder-images/s", 0.0)
@@ -117,7 +117,7 @@ def measure(instances: int = 3, size: int = 64, batch: int = 16) -> Result:
             "evaluate": {"batch_size": batch, "num_actors": 1, "dense_image_size": 56, "min_object_pixels": 20},
         }
         cfg = build_config(layer)
-        chosen = sorted(i for i, v in json.loads(stage_dir(cfg, "ingest", "instances.json").read_text()).items()
+        chosen = sorted(i for i, v in load_instances(cfg).items()
                         if v["split"] == "test")  # fmt: skip
         write_adapters(cfg, chosen)
 

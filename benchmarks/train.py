@@ -32,10 +32,10 @@ def plain_loop(cfg) -> tuple[int, float]:
         sample_triplets,
         train_step,
     )
-    from pipelines.common import resolve_negatives, stage_dir
+    from pipelines.common import load_instances, resolve_negatives
     from pipelines.train import build_lora_encoder, instance_rows, stage_inputs
 
-    instances = json.loads(stage_dir(cfg, "ingest", "instances.json").read_text())
+    instances = load_instances(cfg)
     cfg = resolve_negatives(cfg, instances, [INSTANCE])
     rows = instance_rows(cfg, INSTANCE, instances, stage_inputs(cfg))
     t = cfg.train

@@ -35,6 +35,7 @@ from PIL import Image
 
 from personalization.artifacts import RESOLVED_CONFIG, hash_config, input_hash
 from personalization.config import ModelConfig, build_config, to_dict
+from personalization.devices import pick_device
 from personalization.errors import MissingInputError, UserError
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ class PersonalEncoder:
         self.instance_id = adapter_dir.name
         self.model_cfg = read_model_config(adapter_dir)
         self.identity = encoder_identity(adapter_dir, pretrained=pretrained)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         encoder = build_encoder(self.model_cfg)
         if not pretrained:
             encoder = load_adapter(encoder, adapter_dir)

@@ -25,6 +25,7 @@ from pathlib import Path
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig
+from personalization.devices import pick_device
 from personalization.errors import MissingInputError
 from personalization.synthesis.dreambooth import DreamboothError, DreamboothSettings, check_generator_dir
 from personalization.synthesis.generators import AUTO, find_generator
@@ -149,7 +150,7 @@ def train_worker(config: dict) -> None:
     images = [schema.decode_image(p["image"]) for p in job["photos"]]
     masks = [schema.decode_mask(p["mask"]) if p["mask"] is not None else None for p in job["photos"]]
     class_images = [schema.decode_image(b) for b in ray.get(job["class_ref"])] if job["class_ref"] else []
-    settings = config["settings"].replace(device="cuda" if torch.cuda.is_available() else "cpu")
+    settings = config["settings"].replace(device=pick_device().type)
     resume = None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:

@@ -216,7 +216,7 @@ def run(cfg: ExperimentConfig) -> Path:
     images_path, instances_path = ingest / "images.parquet", ingest / "instances.json"
     if not images_path.exists() or not instances_path.exists():
         raise MissingInputError(f"{ingest}: images.parquet / instances.json missing; run `personalize ingest` first")
-    instances_info = json.loads(instances_path.read_text())
+    instances_info = common.load_instances(cfg)
     instances = without_failed(cfg, STAGE, common.select_instances(cfg, instances_info))
     adapters = {i: stage_dir(cfg, "train", i) for i in instances}
     missing = [

@@ -43,6 +43,7 @@ from personalization.personal_encoder import encoder_identity, load_reference_by
 from personalization.schema import encode_mask
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
+from pipelines.resources import cluster_has_gpu
 
 STAGE = "find"
 ENCODERS = ("personalized", "pretrained")
@@ -180,7 +181,7 @@ def _localize(cfg, adapter: Path, top: list[dict], out: Path) -> dict[str, bytes
     """Box, confidence and mask of the object in each top hit (one Ray task, on a GPU when the cluster has one):
     adds ``box`` (x0,y0,x1,y1 as fractions of the photo), ``box_score`` and ``mask`` (a PNG under masks/) to the
     rows; returns thumbnails with the mask drawn on, by path."""
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    gpus = 1.0 if cluster_has_gpu() else 0.0
     task = _localize_task.options(num_gpus=gpus)
     paths = [row["path"] for row in top]
     shutil.rmtree(out / "masks", ignore_errors=True)  # masks of an earlier run's hits

@@ -40,7 +40,7 @@ def wants_gpu(cfg: ExperimentConfig, stage: str) -> bool:
     choice = getattr(cfg, stage).use_gpu
     if choice != "auto":
         return bool(choice)
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    if cluster_has_gpu():
         return True
     types = gpu_node_types()
     if types:
@@ -52,6 +52,11 @@ def wants_gpu(cfg: ExperimentConfig, stage: str) -> bool:
         stage, stage,
     )  # fmt: skip
     return False
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the connected cluster has a GPU now (the autoscaler's node types not counted)."""
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def gpu_node_types() -> dict[str, float]:

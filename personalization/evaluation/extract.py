@@ -23,6 +23,7 @@ import torch
 
 from personalization import schema
 from personalization.config import build_config
+from personalization.devices import pick_device
 from personalization.evaluation.dense import (
     DensePrediction,
     compute_reference_vector,
@@ -38,7 +39,7 @@ class FeatureExtractor:
         from personalization.models import BACKBONES, build_encoder, build_transform, load_adapter
 
         self.model_cfg = build_config({"model": dict(model)}).model
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         encoder = build_encoder(self.model_cfg)
         if adapter_dir:
             encoder = load_adapter(encoder, adapter_dir)

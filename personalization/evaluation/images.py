@@ -14,6 +14,7 @@ chosen ids, in ingest order, ``batch_size`` rows at a time (what an actor holds)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ import pyarrow.compute as pc
 
 from personalization import schema
 from personalization.datasets.layouts import TEST_SPLITS
+from personalization.errors import MissingInputError
 
+INSTANCES_FILE = "instances.json"  # beside an ingest image table: {instance_id: {"category", "split"}}
 INDEX_COLUMNS = ("image_id", "instance_id", "role", "split", "height", "width")
 SCAN_ROWS = 64  # rows decoded per Parquet read while streaming (bounds memory with multi-megabyte PNGs)
 
@@ -55,6 +58,14 @@ class EvaluationImages:
     def masked_train(self, instance: str) -> list[str]:
         """The instance's masked train images, in ingest order (the first is its dense reference)."""
         return [i for i in self.train if self.owner[i] == instance and i in self.masked]
+
+
+def load_instances_file(folder: str | Path) -> dict[str, dict]:
+    """``folder/instances.json`` (an ingest folder, or a view of one such as a sweep's probe view)."""
+    path = Path(folder) / INSTANCES_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{path} is missing: run `personalize ingest` (or `personalize run`) first")
+    return json.loads(path.read_text())
 
 
 def load_evaluation_images(images_path: str | Path, instances: Mapping[str, Mapping]) -> EvaluationImages:

@@ -6,13 +6,13 @@ inside a training worker through ``pipelines.train``'s ``report_extra`` hook and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from personalization.config import build_config
+from personalization.evaluation.images import load_instances_file
 
 
 class ValidationProbe:
@@ -36,7 +36,7 @@ class ValidationProbe:
         from personalization.models import build_transform
         from personalization.schema import decode_image, read_image_table
 
-        instances = json.loads((Path(self.images_path).parent / "instances.json").read_text())
+        instances = load_instances_file(Path(self.images_path).parent)
         val = list(self.instances) or sorted(i for i, info in instances.items() if info["split"] == "val")
         columns = ["instance_id", "role", "split", "image"]
         table = read_image_table(self.images_path, columns=columns, instance_id=val).to_pylist()

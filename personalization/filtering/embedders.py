@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from personalization.devices import pick_device
 from personalization.errors import UserError
 
 # What dreamsim 0.2.1 needs in its cache per model type (its download unpacks exactly these).
@@ -60,7 +61,7 @@ class DreamSimEmbedder:
         from dreamsim import dreamsim
 
         folder = check_dreamsim_cache(cache_dir, dreamsim_type)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         self.model, self._preprocess = dreamsim(
             pretrained=True, device=str(self.device), cache_dir=str(folder), dreamsim_type=dreamsim_type
         )

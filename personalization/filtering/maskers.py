@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from personalization.devices import pick_device
 from personalization.errors import UserError
 
 Box = tuple[int, int, int, int]
@@ -110,7 +111,7 @@ class SamMasker:
         from transformers import SamModel, SamProcessor
 
         self.patch_masker = patch_masker
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         try:
             self.model = SamModel.from_pretrained(sam_weights).to(self.device).eval()
             self.processor = SamProcessor.from_pretrained(sam_weights)

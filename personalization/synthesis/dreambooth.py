@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from personalization.devices import pick_device
 from personalization.errors import UserError
 from personalization.paths import looks_local
 from personalization.synthesis.generators import AUTO, PERSONALIZED_FILE, GeneratorSpec, find_generator
@@ -97,10 +98,6 @@ def _square(image: Image.Image, size: int, resample: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def generate_class_images(
     base_model: str | Path,
     category: str,
@@ -115,7 +112,7 @@ def generate_class_images(
 ) -> list[Image.Image]:
     """``n`` images of ``a photo of {category}`` from the pretrained generator (seeds ``seed .. seed+n-1``);
     ``generator_type``: a GENERATORS name, or auto (detected from ``base_model``)."""
-    dev = _device(device)
+    dev = pick_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     spec = find_generator(check_generator_dir(base_model), generator_type)
     pipe = spec.load_pipeline(Path(base_model), dtype=dtype).to(dev)
@@ -221,7 +218,7 @@ class DreamboothRun:
             raise DreamboothError("masked DreamBooth needs one mask per instance image; give masks or set masked=False")
         self.base_model, self.category, self.mode, self.batch_size = base_model, category, s.mode, s.batch_size
         self.prior_weight, self.n_images = s.prior_weight, len(images)
-        dev = self.device = _device(s.device)
+        dev = self.device = pick_device(s.device)
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
         self.amp = amp if dev.type == "cuda" else None
         torch.manual_seed(s.seed)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from personalization.artifacts import read_manifest
+from personalization.devices import pick_device
 from personalization.errors import UserError
 from personalization.schema import encode_png, make_image_id
 from personalization.synthesis.dreambooth import PERSONALIZED_FILE, is_personalized_folder, load_personalized_pipeline
@@ -139,7 +140,7 @@ class ImageSampler:
         self.base_model = check_generator(base_model)
         self.spec = find_generator(self.base_model, generator_type)
         self.steps, self.image_size, self.scheduler = steps, image_size, scheduler
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         self.dtype = _dtype(dtype, self.device)
         self.max_pipelines = max_pipelines
         self._pipes: OrderedDict[str, object] = OrderedDict()

@@ -9,10 +9,11 @@ from PIL import Image
 
 from personalization import schema
 from personalization.artifacts import MANIFEST, commit_stage, is_current, read_manifest
+from personalization.errors import MissingInputError
 from personalization.evaluation.coco import encode_annotation, encode_prediction, evaluate_coco, evaluate_coco_compact
 from personalization.evaluation.dense import DensePrediction, mask_box
 from personalization.evaluation.extract import FeatureExtractor
-from personalization.evaluation.images import iter_rows, load_evaluation_images
+from personalization.evaluation.images import iter_rows, load_evaluation_images, load_instances_file
 from personalization.evaluation.measure import EvaluationInputs, evaluate_encoder
 from personalization.evaluation.outputs import commit_files, load_result, save_result, write_summary
 
@@ -198,3 +199,10 @@ def test_evaluate_encoder_results_do_not_depend_on_the_streamed_batch_size(two_s
     assert set(found[0]["a"]) == {"metrics", "curve", "split_metrics", "predictions", "example"}
     assert 0.0 <= found[0]["a"]["metrics"]["classification/pr_auc"] <= 1.0
     assert {p["image_id"] for p in found[0]["a"]["predictions"]} <= set(sets.dense)
+
+
+def test_instances_file_is_read_beside_the_table_and_its_absence_says_what_to_run(tmp_path):
+    (tmp_path / "instances.json").write_text(json.dumps({"mug": {"category": "mug", "split": "test"}}))
+    assert load_instances_file(tmp_path) == {"mug": {"category": "mug", "split": "test"}}
+    with pytest.raises(MissingInputError, match=r"nope/instances.json is missing: run `personalize ingest`"):
+        load_instances_file(tmp_path / "nope")
