@@ -233,7 +233,8 @@ def _checked_names(names: list, where: str, errors: ErrorLog) -> list[str]:
 
 
 def scan_info_layout(root: Path, spec: LayoutSpec, errors: ErrorLog, **_folder_options: str) -> DatasetScan:
-    """The PODS folder structure, described by ``spec.info_file`` (and ``spec.annos_file``)."""
+    """The PODS folder structure, described by ``spec.info_file`` (and ``spec.annos_file``); the plain-folder
+    settings (category, instance_id) do not apply: the info file names both."""
     scan = DatasetScan(root=root, layout=spec.name, errors=errors)
     info_path = root / spec.info_file
     info = _read_json(info_path, errors)
