@@ -284,7 +284,8 @@ def run_positives(
     configs = {
         i: {
             "sampling": _sampling_config(cfg),
-            "generate": without_placement(gen),
+            # prompt_source is left out: the prompts it chose are hashed, so older outputs stay current
+            "generate": {k: v for k, v in without_placement(gen).items() if k != "prompt_source"},
             "prompts": prompts[i],
             "filter": without_placement(cfg.filter) if filtered else None,
             "source": positive_source(cfg),
