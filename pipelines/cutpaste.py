@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 from PIL import Image
 
 from personalization import schema
@@ -94,8 +95,6 @@ def _composite_batch(
     options: dict,
 ) -> pa.Table:
     """Ray task body: work items {instance_id, k} -> image-table rows (bytes, never PIL), typed as the schema."""
-    import ray
-
     real, backgrounds = ray.get(real_ref), _DecodedOnAccess(ray.get(backgrounds_ref))
     wanted = sorted(set(batch["instance_id"].tolist()))
     by_instance: dict[str, list[dict]] = {i: [] for i in wanted}
@@ -169,8 +168,6 @@ def run(cfg: ExperimentConfig) -> Path:
 
 def _composite_stream(cfg: ExperimentConfig, todo: list[str], n: int, real: pa.Table, blobs: list[bytes], key: str):
     """Composite tables as Ray Data makes them (streaming: the driver holds only the instances in flight)."""
-    import ray
-
     items = [{"instance_id": i, "k": k} for i in todo for k in range(n)]
     log.info(
         "cutpaste: %d composites (%d instances x %d) on %d backgrounds (%s), %d px",

@@ -22,12 +22,21 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import ray
+import torch
+
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig
 from personalization.devices import pick_device
 from personalization.errors import MissingInputError
-from personalization.synthesis.dreambooth import DreamboothError, DreamboothSettings, check_generator_dir
+from personalization.synthesis.dreambooth import (
+    DreamboothError,
+    DreamboothSettings,
+    check_generator_dir,
+    generate_class_images,
+    train_dreambooth,
+)
 from personalization.synthesis.generators import AUTO, find_generator
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
@@ -74,8 +83,6 @@ def _class_config(cfg: ExperimentConfig, category: str) -> dict:
 
 
 def _make_class_images(config: dict, generator_type: str) -> list[bytes]:
-    from personalization.synthesis.dreambooth import generate_class_images
-
     images = generate_class_images(
         config["base_model"],
         config["category"],
@@ -90,8 +97,6 @@ def _make_class_images(config: dict, generator_type: str) -> list[bytes]:
 
 def run_class_images(cfg: ExperimentConfig, category: str) -> Path:
     """OUT/dreambooth/class_images/<category>/class_images.parquet, made once (a Ray task, on a GPU if any)."""
-    import ray
-
     config = _class_config(cfg, category)
 
     def build(tmp_dir: Path) -> int:
@@ -140,11 +145,7 @@ def train_worker(config: dict) -> None:
 
     Every ``checkpoint_every`` steps it reports a checkpoint (trained weights, optimizer, step, random states);
     a restarted worker (``FailureConfig``) resumes from the last one and ends with the same weights."""
-    import ray
-    import ray.train
-    import torch
-
-    from personalization.synthesis.dreambooth import train_dreambooth
+    import ray.train  # ~1 s to import: only the training workers and fit_instance need it
 
     job = config["job"]
     images = [schema.decode_image(p["image"]) for p in job["photos"]]
@@ -185,8 +186,6 @@ def train_worker(config: dict) -> None:
 
 
 def run(cfg: ExperimentConfig) -> Path:
-    import ray
-
     instances = common.load_instances(cfg)
     instance_ids = common.select_instances(cfg, instances)
     check_generator_dir(cfg.dreambooth.base_model)
@@ -231,7 +230,7 @@ def run(cfg: ExperimentConfig) -> Path:
 
 def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool) -> None:
     """One instance's DreamBooth as a one-worker Ray Train run; its folder lands in ``out_dir``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ~1 s: training only
     from ray.train.torch import TorchTrainer
 
     instance_id = job["instance_id"]

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import ray
+
 from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig
@@ -88,8 +90,6 @@ def score_to(cfg: ExperimentConfig, files: list[Path], scratch: Path) -> None:
     if not schema.read_image_table(files, columns=["image_id"]).num_rows:
         return
     with ray_session(cfg):
-        import ray
-
         dataset = ray.data.read_parquet([str(f) for f in files])
         dataset = dataset.map_batches(
             Scorer,

@@ -33,13 +33,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import ray
+import yaml
 
 from personalization.artifacts import write_text_atomic
 from personalization.errors import MissingInputError, UserError
 from personalization.find_page import make_thumbnail, render_find_page
 from personalization.gallery import RESULT_COLUMNS, EmbeddingCache, embed_items, format_csv, list_gallery, rank_rows
-from personalization.personal_encoder import encoder_identity, load_reference_bytes
+from personalization.personal_encoder import encoder_identity, load_encoder, load_reference_bytes, localize
 from personalization.schema import encode_mask
 from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
@@ -56,8 +58,6 @@ class GalleryEmbedActor:
     (:func:`personalization.gallery.embed_items`). ``known``: {encoder name: hashes already cached} (an object ref)."""
 
     def __init__(self, adapter_dir: str, known, batch_size: int):
-        from personalization.personal_encoder import load_encoder
-
         personalized = load_encoder(adapter_dir, batch_size=batch_size)
         self.encoders = {"personalized": personalized, "pretrained": personalized.pretrained()}
         self.known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
@@ -68,8 +68,6 @@ class GalleryEmbedActor:
 
 
 def _object_array(values: list):
-    import numpy as np
-
     array = np.empty(len(values), dtype=object)
     array[:] = values
     return array
@@ -172,8 +170,6 @@ def write_outputs(cfg, instance: str, out: Path, rows: list[dict], skipped: list
 
 @ray.remote
 def _localize_task(adapter: str, paths: list[str], dense_size: int, min_object_pixels: int) -> list:
-    from personalization.personal_encoder import localize
-
     return localize(adapter, paths, dense_size=dense_size, min_object_pixels=min_object_pixels)
 
 
@@ -209,8 +205,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def _yaml(data: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -29,7 +29,7 @@ _VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_W
 
 def _reload_auth_settings() -> None:
     """Make this process's Ray see the current RAY_AUTH_* variables (Ray caches both the mode and the token)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # ray stays out of light commands (common imports us)
 
     Config.initialize("")  # the mode first: a cached token mode with no token left would abort Ray
     AuthenticationTokenLoader.instance().reset_cache()
@@ -52,7 +52,7 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
     for the token, which is saved in the session folder as ``auth_token`` (mode 600) and removed at the end. Ray is
     shut down on exit.
     """
-    import ray
+    import ray  # imported here, not above: pipelines.common imports this module, and light commands import it
     from ray._private import ray_constants
 
     saved = {name: os.environ.get(name) for name in _VARS}

@@ -24,6 +24,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ray
+from ray.util.metrics import Counter, Gauge
+
 log = logging.getLogger("personalize")
 
 TAG_KEYS = ("stage", "instance")
@@ -53,10 +56,6 @@ _warned = False
 
 
 def _ray_ready() -> bool:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency, but the helpers must never raise
-        return False
     return ray.is_initialized()
 
 
@@ -71,8 +70,6 @@ def get_metric(key: str) -> Any | None:
     if not _ray_ready():
         return None
     if key not in _registry:
-        from ray.util.metrics import Counter, Gauge
-
         name, kind, description = METRICS[key]
         cls = Counter if kind == "counter" else Gauge
         _registry[key] = cls(name, description=description, tag_keys=TAG_KEYS)

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import ray
+import ray._private.state  # the accessor Ray Data reads the GCS's cluster config with
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -95,8 +96,6 @@ def _node_types_of(gcs_address: str) -> dict[str, dict[str, Any]]:
 
 
 def _gcs_cluster_config() -> Any:
-    import ray._private.state  # the accessor Ray Data reads the same config with
-
     try:
         return ray._private.state.state.get_cluster_config()
     except Exception as error:  # noqa: BLE001 - a private API: without it, the config file is the source

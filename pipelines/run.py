@@ -17,6 +17,7 @@ from personalization.config import ExperimentConfig, save_config
 from personalization.errors import UserError
 from pipelines.common import InstanceFailures, check_before_start, ray_session, resolve_negatives, stage_main
 from pipelines.instances import read_failures
+from pipelines.report import build_report, current_job_id
 from pipelines.stages import per_instance_before, run_plan
 
 log = logging.getLogger("personalize.run")
@@ -41,7 +42,7 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], 
 def run(cfg: ExperimentConfig) -> Path:
     check_before_start(cfg)
     if cfg.run.seeds:  # train + evaluate once per seed over shared data stages (pipelines/seeds.py)
-        from pipelines.seeds import run_seeds
+        from pipelines.seeds import run_seeds  # here: pipelines.seeds imports this module
 
         return run_seeds(cfg)
     out = Path(cfg.output_dir)
@@ -61,8 +62,6 @@ def run(cfg: ExperimentConfig) -> Path:
             timings[name] = round(time.time() - started, 1)
             print(f"[{index}/{len(stages)}] {name} done in {timings[name]:.1f} s", flush=True)
     summary = write_summary(cfg, timings)
-    from pipelines.report import build_report
-
     report = build_report(cfg, summary)
     print_table(summary)
     print(f"summary: {out / 'summary.json'}\nreport:  {report}")
@@ -99,8 +98,6 @@ def write_summary(cfg: ExperimentConfig, timings: dict[str, float]) -> dict:
     derived = out / "ingest" / "derived_masks.json"
     if derived.is_file():
         summary["derived_masks"] = json.loads(derived.read_text())
-    from pipelines.report import current_job_id
-
     if job := current_job_id():
         summary["job_id"] = job
     write_json_atomic(Path(cfg.output_dir) / "summary.json", summary)

@@ -40,6 +40,7 @@ from personalization.config import ExperimentConfig, replace, save_config
 from personalization.errors import UserError
 from pipelines import run as run_module
 from pipelines.common import InstanceFailures, ray_session
+from pipelines.report import build_report
 from pipelines.stages import ORDER
 
 SEEDED = ("train", "evaluate")  # the stages a train seed changes; the others are shared by the seeds
@@ -82,8 +83,6 @@ def run_stages(cfg: ExperimentConfig, stages: list[tuple[str, Callable]], label:
 
 def run_seeds(cfg: ExperimentConfig) -> Path:
     """The data stages in OUT, then each seed's train and evaluate in OUT/seed-<s>; the summaries and report."""
-    from pipelines.report import build_report
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

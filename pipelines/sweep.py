@@ -35,6 +35,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
 from personalization.artifacts import commit_stage, hash_config
 from personalization.config import ConfigError, ExperimentConfig, replace, to_dict
 from personalization.errors import UserError
@@ -132,8 +137,6 @@ def prepare_shared(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path) -
 
 
 def _release_callback():
-    from ray import tune
-
     class ReleasePlacementGroups(tune.Callback):
         """Remove a finished or stopped trial's Train placement group if it is still held.
 
@@ -164,9 +167,6 @@ def _release_callback():
             self._release(trial)
 
         def _release(self, trial):
-            import ray
-            from ray.util.placement_group import PlacementGroup, remove_placement_group
-
             group = (trial.last_result or {}).get("placement_group")
             if group and ray.util.placement_group_table().get(group, {}).get("state") == "CREATED":
                 log.info("sweep: releasing placement group %s of trial %s", group, trial.trial_id)
@@ -176,8 +176,6 @@ def _release_callback():
 
 
 def _tune_domain(domain):
-    from ray import tune
-
     low_high = domain.values
     return {
         "grid": lambda: tune.grid_search(list(domain.values)),
@@ -194,10 +192,6 @@ def max_epochs(space: SearchSpace, base: ExperimentConfig) -> int:
 
 
 def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir: Path, stop=None):
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     # One Tune iteration per epoch. ASHA stops any trial at max_t; one past the last epoch lets a finished trial
     # return normally (and commit its adapter) instead of being killed right after its final report.
     max_t = max_epochs(space, base) + 1
@@ -264,8 +258,6 @@ def _fingerprint(space: SearchSpace, base: ExperimentConfig) -> str:
 
 def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
     """Run (or resume) the sweep; returns ``OUT/sweep``. ``stop``: a Tune ``Stopper`` / stop dict (new sweeps)."""
-    from ray import tune
-
     space = load_space(space_path, cfg)  # every key and candidate value checked before Ray starts
     check_before_start(cfg)
     known = dataset_instances(cfg)  # read from the dataset's info file, no image read

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import ray.tune
+import ray.util
 import torch
+from ray.util.queue import Queue
 
 from personalization.artifacts import hash_config, write_json_atomic
 from personalization.config import ExperimentConfig, build_config, replace, to_dict
 from personalization.errors import MissingInputError
 from personalization.evaluation.probe import ValidationProbe
 from personalization.sweeps import nest
+from pipelines.stages import BY_NAME
 
 PROBE_INGEST = "ingest-probes"  # OUT/sweep/shared/<this>: the ingest stage as the probes' training sees it
 RECORD = "probes.json"
@@ -42,8 +47,6 @@ def generate_key(cfg: ExperimentConfig, base: ExperimentConfig) -> str:
 
 def link_upstream(folder: Path, links: dict[str, Path]) -> None:
     """``folder/<name>`` -> ``target`` symlinks, so stages read shared outputs through their usual paths."""
-    import os
-
     folder.mkdir(parents=True, exist_ok=True)
     for name, target in links.items():
         link = folder / name
@@ -68,11 +71,6 @@ def trial_links(cfg: ExperimentConfig, base: ExperimentConfig, params: dict) -> 
 
 def run_trial(params: dict, *, base: dict, probes: list[str], pool: list[str]) -> None:
     """One Tune trial: the base config plus ``params`` (dotted keys), every probe trained on the shared outputs."""
-    import ray.tune
-    from ray.util.queue import Queue
-
-    from pipelines.stages import BY_NAME
-
     train = BY_NAME["train"].runner()
     base_cfg = build_config(base)
     cfg = build_config(base, nest(params))
@@ -147,8 +145,6 @@ class TrialReport:
         self.probe = probe
 
     def __call__(self, model: torch.nn.Module) -> dict:
-        import ray.util
-
         metrics = self.probe(model)
         group = ray.util.get_current_placement_group()
         scored = ",".join(self.probe.scored_instances)
@@ -158,7 +154,7 @@ class TrialReport:
 def forward_reports(queue):
     """A Ray Train ``UserCallback`` (it runs on the Train controller) that puts rank 0's metrics of every report
     on ``queue``."""
-    from ray.train import UserCallback
+    from ray.train import UserCallback  # ~1 s to import: only a trial needs it, not the sweep driver
 
     class ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):

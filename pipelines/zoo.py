@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from personalization.zoo import PARTS, build_zoo, mobilenetv2_weights
 from pipelines.common import setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from personalization.zoo import PARTS, build_zoo, mobilenetv2_weights
-
     parser = argparse.ArgumentParser(prog="personalize zoo", description=__doc__)
     parser.add_argument("--out", required=True, help="folder to build the zoo in (parts already built are reused)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=None, help="build only these parts")
