@@ -22,6 +22,7 @@ of everything that shapes the run except its length (``train.epochs``, ``checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -297,11 +298,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     restored = ray.train.get_checkpoint()
-    fit(
-        trainable.model.to(device), dataset, cfg.train, seed=cfg.seed, device=device, rank=rank, world=world,
-        wrap=ray.train.torch.prepare_model, resume=Path(restored.to_directory()) if restored is not None else None,
-        save_model=trainable.save, on_step=on_step, on_checkpoint=on_checkpoint,
-    )  # fmt: skip
+    # as_directory, not to_directory: the checkpoint's own folder when it is local, a temporary copy removed
+    # afterwards when it is remote (to_directory left a copy in /tmp on every resume).
+    with restored.as_directory() if restored is not None else contextlib.nullcontext() as resume:
+        fit(
+            trainable.model.to(device), dataset, cfg.train, seed=cfg.seed, device=device, rank=rank, world=world,
+            wrap=ray.train.torch.prepare_model, resume=Path(resume) if resume is not None else None,
+            save_model=trainable.save, on_step=on_step, on_checkpoint=on_checkpoint,
+        )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
