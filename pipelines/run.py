@@ -39,6 +39,23 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, Callable[[ExperimentConfig], 
     return [(stage.name, stage.runner()) for stage in run_plan(cfg)]
 
 
+def run_stages(cfg: ExperimentConfig, stages: list[tuple[str, Callable]], label: str = "") -> dict[str, float]:
+    """Run ``stages`` in order (an instance failure is recorded by the stage and the run goes on); their seconds."""
+    timings = {}
+    for index, (name, stage) in enumerate(stages, 1):
+        step = f"{label}[{index}/{len(stages)}]"
+        log.info("%s %s ...", step, name)
+        print(f"{step} {name} ...", flush=True)
+        started = time.time()
+        try:
+            stage(cfg)
+        except InstanceFailures as error:  # the other instances committed; failures.json records this one
+            print(f"{step} {error}", flush=True)
+        timings[name] = round(time.time() - started, 1)
+        print(f"{step} {name} done in {timings[name]:.1f} s", flush=True)
+    return timings
+
+
 def run(cfg: ExperimentConfig) -> Path:
     check_before_start(cfg)
     if cfg.run.seeds:  # train + evaluate once per seed over shared data stages (pipelines/seeds.py)
@@ -49,18 +66,8 @@ def run(cfg: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = plan(cfg)
-    timings = {}
     with ray_session(cfg):
-        for index, (name, stage) in enumerate(stages, 1):
-            log.info("[%d/%d] %s ...", index, len(stages), name)
-            print(f"[{index}/{len(stages)}] {name} ...", flush=True)
-            started = time.time()
-            try:
-                stage(cfg)
-            except InstanceFailures as error:  # the other instances committed; failures.json records this one
-                print(f"[{index}/{len(stages)}] {error}", flush=True)
-            timings[name] = round(time.time() - started, 1)
-            print(f"[{index}/{len(stages)}] {name} done in {timings[name]:.1f} s", flush=True)
+        timings = run_stages(cfg, stages)
     summary = write_summary(cfg, timings)
     report = build_report(cfg, summary)
     print_table(summary)

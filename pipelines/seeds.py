@@ -19,8 +19,6 @@ To vary the generated data too, make one run per data seed (``seed=N``) and comp
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from personalization.artifacts import write_json_atomic
@@ -64,23 +62,6 @@ def link_shared(out: Path, folder: Path) -> None:
         link.symlink_to(Path("..") / stage, target_is_directory=True)
 
 
-def run_stages(cfg: ExperimentConfig, stages: list[tuple[str, Callable]], label: str) -> dict[str, float]:
-    """Run ``stages`` in order (an instance failure is recorded by the stage and the run goes on); their seconds."""
-    timings = {}
-    for index, (name, stage) in enumerate(stages, 1):
-        step = f"{label}[{index}/{len(stages)}]"
-        log.info("%s %s ...", step, name)
-        print(f"{step} {name} ...", flush=True)
-        started = time.time()
-        try:
-            stage(cfg)
-        except InstanceFailures as error:  # the other instances committed; failures.json records this one
-            print(f"{step} {error}", flush=True)
-        timings[name] = round(time.time() - started, 1)
-        print(f"{step} {name} done in {timings[name]:.1f} s", flush=True)
-    return timings
-
-
 def run_seeds(cfg: ExperimentConfig) -> Path:
     """The data stages in OUT, then each seed's train and evaluate in OUT/seed-<s>; the summaries and report."""
     out = Path(cfg.output_dir)
@@ -89,12 +70,12 @@ def run_seeds(cfg: ExperimentConfig) -> Path:
     stages = run_module.plan(cfg)
     failed, finished = {}, 0
     with ray_session(cfg):
-        shared = run_stages(cfg, [s for s in stages if s[0] not in SEEDED], "")
+        shared = run_module.run_stages(cfg, [s for s in stages if s[0] not in SEEDED], "")
         for seed in cfg.run.seeds:
             sub = seed_config(cfg, seed)
             link_shared(out, Path(sub.output_dir))
             save_config(sub, Path(sub.output_dir) / "config.yaml")
-            timings = shared | run_stages(sub, [s for s in stages if s[0] in SEEDED], f"seed {seed} ")
+            timings = shared | run_module.run_stages(sub, [s for s in stages if s[0] in SEEDED], f"seed {seed} ")
             summary = run_module.write_summary(sub, timings)
             build_report(sub, summary)
             finished += len(summary["instances"])
