@@ -93,6 +93,9 @@ def _unit_paths(root: Path, units: Sequence[str]) -> list[Path]:
     return [root / unit for unit in units if (root / unit).is_dir()]
 
 
+_STALE_NAMED: set[tuple[str, str]] = set()  # (filter folder, the generate hash it scored) already logged
+
+
 def positives_paths(cfg: ExperimentConfig, instance_id: str) -> list[Path]:
     """Where ``instance_id``'s generated positives are read: ``OUT/filter/<instance>`` when `personalize filter`
     scored exactly the positives ``OUT/generate/positives/<instance>`` holds now (its manifest's ``generate``
@@ -103,6 +106,9 @@ def positives_paths(cfg: ExperimentConfig, instance_id: str) -> list[Path]:
     if scored_from is not None and (generated / instance_id).is_dir():
         if scored_from == input_hash(generated / instance_id):
             return [rescored]
+        if (str(rescored), scored_from) in _STALE_NAMED:
+            return _unit_paths(generated, [instance_id])
+        _STALE_NAMED.add((str(rescored), scored_from))  # planning and reading both ask: say it once
         log.warning(
             "train %s: %s scored other generated images than %s holds now; training on the generated ones "
             "(run `personalize filter` again to rescore them)", instance_id, rescored, generated / instance_id,
