@@ -346,7 +346,7 @@ class TrainConfig:
     # positive_sources); empty = every positive in one pool, drawn uniformly (the plain union)
     source_weights: dict[str, float] = field(default_factory=dict)
     # auto = generated when generation is on, else the dataset's val instances of the category, else
-    # negatives_dir, else the stock photos when stock_negatives (pipelines/train.py: resolve_negatives).
+    # negatives_dir, else the stock photos when stock_negatives (pipelines/common.py: resolve_negatives).
     negatives: Literal["auto", "val", "folder", "generated", "stock"] = "auto"
     negatives_dir: str = path_field()  # photos that do not show the object (<category>_negatives/ inside, or flat)
     stock_negatives: bool = False  # let auto fall back to generic real photos shipped with scikit-image

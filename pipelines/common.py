@@ -214,17 +214,13 @@ def resolve_negatives(
 def check_before_start(cfg: ExperimentConfig) -> None:
     """Fail on what only the dataset can tell, before any expensive work (`personalize run` and `sweep`). The
     config's own rules, cross-section ones included, were checked when it was built (``ExperimentConfig.validate``),
-    for every command."""
+    for every command. What the selected instances need from outside OUT is checked here too: their
+    train.positives_dir folders (positive source released) and, for generate.prompt_source=llm, the endpoint's
+    variables (:func:`check_prompt_source`)."""
     cfg.data.require_root()
-    resolve_negatives(cfg)  # train.negatives=auto with nothing to draw from stops here, before any stage
-    check_own_folders(cfg)
-
-
-def check_own_folders(cfg: ExperimentConfig) -> None:
-    """What the selected instances need from outside OUT: their train.positives_dir folders (positive source
-    released) and, for generate.prompt_source=llm, the endpoint's variables (:func:`check_prompt_source`)."""
-    instances = dataset_instances(cfg)
+    instances = dataset_instances(cfg)  # read once for the three checks below
     selected = select_instances(cfg, instances) if instances else []
+    resolve_negatives(cfg, instances, selected)  # negatives=auto with nothing to draw from stops here
     if "released" in cfg.train.positive_sources:
         check_released_positives(cfg.train.positives_dir, selected)
     if cfg.generate.enabled:

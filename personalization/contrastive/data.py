@@ -234,7 +234,7 @@ def select_training_rows(
         negative_parts = [_where(synthetic, category=category, role="negative")]
     elif train_cfg.negatives == "stock":
         negative_parts = [load_stock_negatives(category)]
-    else:  # "auto" is resolved before this (pipelines/train.py: resolve_negatives)
+    else:  # "auto" is resolved before this (pipelines/common.py: resolve_negatives)
         raise UserError(f"train.negatives={train_cfg.negatives!r}: use val, folder, generated or stock")
 
     schema = images.schema
