@@ -93,9 +93,6 @@ def _unit_paths(root: Path, units: Sequence[str]) -> list[Path]:
     return [root / unit for unit in units if (root / unit).is_dir()]
 
 
-_STALE_NAMED: set[tuple[str, str]] = set()  # (filter folder, the generate hash it scored) already logged
-
-
 def positives_paths(cfg: ExperimentConfig, instance_id: str) -> list[Path]:
     """Where ``instance_id``'s generated positives are read: ``OUT/filter/<instance>`` when `personalize filter`
     scored exactly the positives ``OUT/generate/positives/<instance>`` holds now (its manifest's ``generate``
@@ -106,9 +103,6 @@ def positives_paths(cfg: ExperimentConfig, instance_id: str) -> list[Path]:
     if scored_from is not None and (generated / instance_id).is_dir():
         if scored_from == input_hash(generated / instance_id):
             return [rescored]
-        if (str(rescored), scored_from) in _STALE_NAMED:
-            return _unit_paths(generated, [instance_id])
-        _STALE_NAMED.add((str(rescored), scored_from))  # planning and reading both ask: say it once
         log.warning(
             "train %s: %s scored other generated images than %s holds now; training on the generated ones "
             "(run `personalize filter` again to rescore them)", instance_id, rescored, generated / instance_id,
@@ -139,17 +133,21 @@ def instance_rows(
     *,
     columns: Sequence[str] | None = None,
     image_ids: Collection[str] | None = None,
+    sources: TrainingSources | None = None,
 ) -> TrainingRows:
     """The rows ``instance_id`` trains on, read from its own units with filters and projection pushed into
     Parquet (:func:`personalization.contrastive.data.read_training_rows`): ``columns=ID_COLUMNS`` to plan, then
-    ``image_ids`` = the triplets' ids for the run (what ``rows.parquet`` holds)."""
-    sources = training_sources(cfg, instance_id, instances, inputs)
+    ``image_ids`` = the triplets' ids for the run (what ``rows.parquet`` holds). ``sources``: the instance's
+    :func:`training_sources` when the caller has them (train finds them once per instance, for both reads)."""
+    sources = sources or training_sources(cfg, instance_id, instances, inputs)
     return read_training_rows(sources, instance_id, cfg.train, instances, columns=columns, image_ids=image_ids)
 
 
-def plan_triplets(cfg: ExperimentConfig, instance_id: str, instances: dict[str, dict], inputs) -> list[tuple]:
+def plan_triplets(
+    cfg: ExperimentConfig, instance_id: str, instances: dict[str, dict], inputs, sources: TrainingSources | None = None
+) -> list[tuple]:
     """``instance_id``'s triplets, sampled from the ids of its rows (no image is read)."""
-    rows = instance_rows(cfg, instance_id, instances, inputs, columns=ID_COLUMNS)
+    rows = instance_rows(cfg, instance_id, instances, inputs, columns=ID_COLUMNS, sources=sources)
     return sample_triplets(
         rows.anchor_ids, rows.positive_ids, rows.negative_ids, num_triplets=cfg.train.num_triplets,
         num_positives=cfg.train.num_positives, num_negatives=cfg.train.num_negatives,
@@ -185,11 +183,12 @@ def run(
     config = {"model": cfg.model, "train": cfg.train, "seed": cfg.seed, "filter": cfg.filter.threshold}
     chosen = without_failed(cfg, STAGE, common.select_instances(cfg, instances))
     # Sample every instance (ids only) before any training starts, so an empty pool fails before any Ray work.
-    todo = {
-        instance_id: plan_triplets(cfg, instance_id, instances, inputs)
+    sources = {
+        instance_id: training_sources(cfg, instance_id, instances, inputs)
         for instance_id in chosen
         if not is_current(stage_dir(cfg, STAGE, instance_id), STAGE, {**config, "instance": instance_id}, inputs)
     }
+    todo = {i: plan_triplets(cfg, i, instances, inputs, sources[i]) for i in sources}
 
     def fit(instance_id: str) -> None:
         commit_stage(
@@ -198,7 +197,7 @@ def run(
             {**config, "instance": instance_id},
             lambda tmp: fit_instance(
                 cfg, instance_id, instances, todo[instance_id], inputs, tmp, build_model, callbacks=callbacks,
-                report_extra=report_extra,
+                report_extra=report_extra, sources=sources[instance_id],
             ),
             inputs=inputs,
             resolved_config=resolved(cfg),
@@ -214,7 +213,16 @@ def run(
 
 
 def fit_instance(
-    cfg, instance_id, instances, triplets, inputs, out_dir: Path, build_model=None, callbacks=(), report_extra=None
+    cfg,
+    instance_id,
+    instances,
+    triplets,
+    inputs,
+    out_dir: Path,
+    build_model=None,
+    callbacks=(),
+    report_extra=None,
+    sources: TrainingSources | None = None,
 ) -> int:
     """Fit one instance with Ray Train and write the adapter and ``metrics.json`` into ``out_dir``. The rows its
     triplets use are read here, for this instance only, and handed to the workers as ``rows.parquet``."""
@@ -226,7 +234,8 @@ def fit_instance(
     data_dir = storage / f"{name}.inputs"
     data_dir.mkdir(parents=True, exist_ok=True)
     used = {image_id for triplet in triplets for image_id in triplet}
-    pq.write_table(instance_rows(cfg, instance_id, instances, inputs, image_ids=used).table, data_dir / "rows.parquet")
+    rows = instance_rows(cfg, instance_id, instances, inputs, image_ids=used, sources=sources)
+    pq.write_table(rows.table, data_dir / "rows.parquet")
     (data_dir / "triplets.json").write_text(json.dumps(triplets))
     trainer = TorchTrainer(
         train_loop_per_worker,
