@@ -143,7 +143,16 @@ class CutpasteConfig:
 
     enabled: bool = True
     images_per_instance: int = 100
-    backgrounds_dir: str = path_field()  # folder of background photos; empty = procedurally made backgrounds
+    # What the objects are pasted onto: generated (the paper's: num_backgrounds images of empty scenes sampled from
+    # the pretrained generator, dreambooth.base_model, with background prompts and the generate.* sampling settings;
+    # made once, OUT/cutpaste/_backgrounds/, and shared by every object), folder (the photos in backgrounds_dir) or
+    # procedural (textures made from the seed, no generator); auto = folder when backgrounds_dir is set, else
+    # generated when generate.enabled, else procedural (see background_source)
+    backgrounds: Literal["auto", "procedural", "folder", "generated"] = "auto"
+    backgrounds_dir: str = path_field()  # folder of background photos (read recursively)
+    # Generated backgrounds: as many as an object's composites by default, so its 100 composites draw ~63 distinct
+    # scenes; on a GPU about as long as 1/5 of one object's positives, once per output folder
+    num_backgrounds: int = 100
     scale_min: float = 0.3
     scale_max: float = 1.3
     # object: the scale multiplies the object's size in its photo (paper); canvas: 1.0 = half the canvas side
@@ -157,12 +166,33 @@ class CutpasteConfig:
         check_positive(self.scale_min, "cutpaste.scale_min")
         require(self.scale_max >= self.scale_min, "cutpaste.scale_max", "must be >= cutpaste.scale_min")
         check_positive(self.image_size, "cutpaste.image_size")
+        check_positive(self.num_backgrounds, "cutpaste.num_backgrounds")
         if self.backgrounds_dir:
             require(
                 Path(self.backgrounds_dir).is_dir(),
                 "cutpaste.backgrounds_dir",
                 f"{self.backgrounds_dir} is not a folder; point it at background photos or leave it empty",
             )
+        require(
+            self.backgrounds != "folder" or bool(self.backgrounds_dir),
+            "cutpaste.backgrounds_dir",
+            "cutpaste.backgrounds=folder needs cutpaste.backgrounds_dir=DIR (photos of empty scenes)",
+        )
+        require(
+            self.backgrounds not in ("procedural", "generated") or not self.backgrounds_dir,
+            "cutpaste.backgrounds",
+            f"{self.backgrounds} does not read cutpaste.backgrounds_dir={self.backgrounds_dir}: clear the folder or "
+            "use cutpaste.backgrounds=folder",
+        )
+
+    def background_source(self, generation_on: bool) -> str:
+        """procedural, folder or generated: ``backgrounds``, with auto resolved (``generation_on`` =
+        generate.enabled)."""
+        if self.backgrounds != "auto":
+            return self.backgrounds
+        if self.backgrounds_dir:
+            return "folder"
+        return "generated" if generation_on else "procedural"
 
 
 # Per-mode DreamBooth learning rates: the paper's full fine-tune (2e-6, constant), and the usual LoRA DreamBooth
@@ -546,6 +576,21 @@ class ExperimentConfig:
                 "train.negatives=generated needs generate.enabled=true and generate.negatives_per_category > 0 "
                 "(or train.negatives=auto / val / folder / stock)"
             )
+        self._check_generated_backgrounds()
+
+    def _check_generated_backgrounds(self) -> None:
+        cut = self.cutpaste
+        if not cut.enabled or cut.background_source(self.generate.enabled) != "generated":
+            return
+        if self.dreambooth.base_model:
+            return
+        how = "=generated" if cut.backgrounds == "generated" else "=auto (generated, as generate.enabled=true)"
+        raise ConfigError(
+            f"cutpaste.backgrounds{how} samples backgrounds from the pretrained generator, but "
+            "dreambooth.base_model is empty: set "
+            "dreambooth.base_model=HF_ID_OR_FOLDER (a diffusers Stable Diffusion), or use cutpaste.backgrounds="
+            "procedural, or cutpaste.backgrounds_dir=DIR (photos)"
+        )
 
     def _check_positive_source(self, source: str) -> None:
         if source == "cutpaste" and not self.cutpaste.enabled:

@@ -1,6 +1,10 @@
-"""Backgrounds for Cut-and-Paste: real photos from a folder, or procedural scenes made from a seed.
+"""Backgrounds for Cut-and-Paste: real photos from a folder, prompts for generated scenes, or procedural scenes.
 
-Procedural scenes stand in for the paper's generated or photographed backgrounds when none are given. Each
+Generated backgrounds (the paper's) are sampled by the pretrained generator from background prompts: the built-in
+bank's (personalization/synthesis/prompts.py: make_background_prompts) or an LLM's
+(:func:`write_background_prompts_with_llm`); pipelines/cutpaste_backgrounds.py makes and commits them.
+
+Procedural scenes stand in for generated or photographed backgrounds when neither is wanted. Each
 scene is a wall (vertical colour gradient with blotchy low-frequency shading) above a surface (wood grain, tiles,
 cloth or plain) meeting it at a horizon or table edge, with a few soft furniture-like shapes, a light falloff
 and sensor-like noise. They hold no objects of any category: only textures and flat shapes.
@@ -16,6 +20,9 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import make_image_id
+from personalization.synthesis.llm import LLMEndpoint, chat
+from personalization.synthesis.prompts import PromptError
+from personalization.synthesis.prompts_llm import ROUNDS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 log = logging.getLogger(__name__)
@@ -118,3 +125,36 @@ def make_procedural_backgrounds(n: int, size: int, seed: int) -> list[Image.Imag
     if n <= 0 or size <= 0:
         raise ValueError(f"need n > 0 and size > 0 procedural backgrounds, got n={n}, size={size}")
     return [make_procedural_background(i, size, seed) for i in range(n)]
+
+
+def _background_request(n: int) -> str:
+    return (
+        f"Write {n} different one-line prompts for a text-to-image model, each describing an empty everyday scene "
+        "(a table top, a floor, a shelf, a room, a street, a garden...) in a different place, viewpoint or light, "
+        "with nothing in the foreground: no object, person or animal as the subject. Reply with the prompts only, "
+        "one per line."
+    )
+
+
+def parse_background_prompts(reply: str) -> list[str]:
+    """The reply's non-empty lines, list markers and numbering stripped, in order, without repeats."""
+    prompts = []
+    for line in reply.splitlines():
+        line = line.strip().lstrip("-*0123456789.) ").strip()
+        if line and line not in prompts:
+            prompts.append(line)
+    return prompts
+
+
+def write_background_prompts_with_llm(n: int, endpoint: LLMEndpoint, rounds: int = ROUNDS) -> list[str]:
+    """``n`` distinct background prompts asked of ``endpoint`` (up to ``rounds`` requests); a PromptError when it
+    still returned fewer."""
+    prompts: list[str] = []
+    for _ in range(rounds):
+        prompts += [p for p in parse_background_prompts(chat(endpoint, _background_request(n))) if p not in prompts]
+        if len(prompts) >= n:
+            return prompts[:n]
+    raise PromptError(
+        f"{endpoint.url}: the LLM returned {len(prompts)} background prompts in {rounds} requests, asked "
+        f"{n}; lower cutpaste.num_backgrounds or try another model"
+    )
