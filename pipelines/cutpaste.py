@@ -35,6 +35,7 @@ from pipelines import common
 from pipelines.common import ray_session, resolved, stage_dir, stage_main
 from pipelines.cutpaste_backgrounds import (
     backgrounds_current,
+    backgrounds_path,
     check_backgrounds,
     ensure_backgrounds,
     load_generated_backgrounds,
@@ -71,11 +72,13 @@ def _load_real_rows(images_path: Path, instance_ids: list[str]) -> pa.Table:
     return table
 
 
-def _encoded_backgrounds(cfg: ExperimentConfig, source: str, inputs: dict[str, Path]) -> tuple[list[bytes], str]:
-    """PNG bytes of the background set, and the key naming it (part of every image id)."""
+def _encoded_backgrounds(cfg: ExperimentConfig) -> tuple[list[bytes], str]:
+    """PNG bytes of the background set, and the key naming it (part of every image id). Generated ones are read
+    from their committed unit (made first: ensure_backgrounds)."""
     size = cfg.cutpaste.image_size
+    source = cfg.cutpaste.background_source(cfg.generate.enabled)
     if source == "generated":
-        return load_generated_backgrounds(inputs["backgrounds"])
+        return load_generated_backgrounds(backgrounds_path(cfg))
     if source == "folder":
         folder = Path(cfg.cutpaste.backgrounds_dir).resolve()
         images, key = load_backgrounds(folder, max_side=2 * size), f"folder:{folder}"
@@ -139,8 +142,8 @@ def run(cfg: ExperimentConfig) -> Path:
     instance_ids = select_instances(cfg, instances)
     n = cfg.cutpaste.images_per_instance if cfg.cutpaste.enabled else 0
     real = _load_real_rows(images_path, instance_ids) if n else None
-    source = cfg.cutpaste.background_source(cfg.generate.enabled) if n else "none"
-    fresh_backgrounds = source == "generated" and not backgrounds_current(cfg)
+    source = cfg.cutpaste.background_source(cfg.generate.enabled)
+    fresh_backgrounds = bool(n) and source == "generated" and not backgrounds_current(cfg)
     if fresh_backgrounds:
         check_backgrounds(cfg)  # a bad base model fails here, before Ray starts
     # One Ray for the generated backgrounds and the composites (the stream reuses the session)
@@ -155,12 +158,13 @@ def _hashed_section(cfg: ExperimentConfig) -> dict:
 
 
 def _composite_instances(cfg: ExperimentConfig, instance_ids: list[str], n: int, real, source: str) -> Path:
+    """``n`` composites for each of ``instance_ids`` not yet current, on the ``source`` backgrounds."""
     out = stage_dir(cfg, STAGE)
     _drop_single_unit_layout(out)
     inputs = {"ingest": stage_dir(cfg, "ingest")}
     if source == "folder":
         inputs["backgrounds"] = Path(cfg.cutpaste.backgrounds_dir)
-    elif source == "generated":
+    elif source == "generated" and n:
         inputs["backgrounds"] = ensure_backgrounds(cfg)
     configs = {i: {"cutpaste": _hashed_section(cfg), "seed": cfg.seed, "instance": i} for i in instance_ids}
     todo = [i for i in instance_ids if not is_current(out / i, STAGE, configs[i], inputs)]
@@ -169,7 +173,7 @@ def _composite_instances(cfg: ExperimentConfig, instance_ids: list[str], n: int,
         return out
     if n == 0:
         log.info("cutpaste: disabled or 0 images per instance; committing empty tables")
-    blobs, backgrounds_key = _encoded_backgrounds(cfg, source, inputs) if n else ([], "")
+    blobs, backgrounds_key = _encoded_backgrounds(cfg) if n else ([], "")
     pending: dict[str, list[pa.Table]] = {i: [] for i in todo}
 
     def commit(instance_id: str) -> None:

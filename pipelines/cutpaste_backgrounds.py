@@ -128,6 +128,6 @@ def ensure_backgrounds(cfg: ExperimentConfig) -> Path:
 
 
 def load_generated_backgrounds(folder: Path) -> tuple[list[bytes], str]:
-    """PNG bytes of the committed backgrounds (in seed order), and the key naming the set (its manifest hash)."""
+    """PNG bytes of the committed backgrounds (in seed order), and the key naming the set (from its manifest hash)."""
     table = schema.read_image_table(folder, columns=["seed", "image"]).sort_by("seed")
-    return table["image"].to_pylist(), f"generated:{read_manifest(folder)['hash']}"
+    return table["image"].to_pylist(), f"generated:{read_manifest(folder)['hash'][:16]}"
