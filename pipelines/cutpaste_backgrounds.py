@@ -61,7 +61,7 @@ def unit_config(cfg: ExperimentConfig) -> dict:
             "image_size": gen.image_size,
             "scheduler": gen.scheduler,
             "cfg": gen.guidance_scale,
-        },  # fmt: skip
+        },
         "seed": cfg.seed,
         "n": n,
         "prompts": "llm" if _uses_llm(cfg) else make_background_prompts(n, cfg.seed),
