@@ -33,7 +33,8 @@ def plain_loop(cfg) -> tuple[int, float]:
         train_step,
     )
     from pipelines.common import load_instances, resolve_negatives
-    from pipelines.train import build_lora_encoder, instance_rows, stage_inputs
+    from pipelines.train import build_lora_encoder
+    from pipelines.training import instance_rows, stage_inputs
 
     instances = load_instances(cfg)
     cfg = resolve_negatives(cfg, instances, [INSTANCE])

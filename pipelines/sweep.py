@@ -8,8 +8,8 @@ PR-AUC of the probe's test photos among the test photos of the *other probes* (n
 max cosine to the probe's real train photos under the encoder being trained. With ``train.negatives=val`` a
 probe trains against *pool* objects of its category only (never probes), so no object is both a training
 negative and a distractor. Too few val objects for that stops the sweep before Ray starts, naming the fix.
-How a trial trains its probes (sequentially, interleaved by epoch, so ASHA can stop it after any epoch) is in
-``pipelines/sweep_trial.py``.
+How a trial trains its probes (one Ray Train run per trial, the probes in turn within each epoch, so ASHA can stop
+it after any epoch) is in ``pipelines/sweep_trial.py``.
 
 Caching: the driver runs the upstream stages once, with the base config, into ``OUT/sweep/shared/`` (ingest,
 cut-and-paste, DreamBooth). Generate-affecting keys (``generate.*``, ``filter.*`` except ``threshold``) are
@@ -144,10 +144,7 @@ def _release_callback():
         detached cleaner then frees the workers' placement group through the State API, which needs the
         dashboard and a single Ray per host. Without it the next trial's workers would wait forever for CPUs.
         At the start of every run (a resumed one included), groups of trials interrupted earlier are released too.
-        A trial reports between its trainers (pipelines/sweep_trial.py) and Tune's reporting is synchronous, so
-        an ASHA stop finds no trainer running; the group a trial reports is that of its latest trainer, and one
-        started after that report (an interruption mid-epoch) is known to no one: it is freed when the driver
-        exits, or by Train's cleaner where the dashboard runs.
+        Every report of a trial names its workers' group (pipelines/sweep_trial.py).
         """
 
         def setup(self, **info):
@@ -192,12 +189,15 @@ def max_epochs(space: SearchSpace, base: ExperimentConfig) -> int:
 
 
 def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir: Path, stop=None):
-    # One Tune iteration per epoch. ASHA stops any trial at max_t; one past the last epoch lets a finished trial
-    # return normally (and commit its adapter) instead of being killed right after its final report.
+    # One report per epoch; ASHA counts the reports' epochs (a restarted trial does not report its done epochs
+    # again). It stops any trial at max_t; one past the last epoch lets a finished trial return normally (and
+    # commit its adapters) instead of being killed right after its final report.
     max_t = max_epochs(space, base) + 1
     if space.scheduler == "asha":
         grace = min(space.grace_period, max_t)
-        scheduler = ASHAScheduler(max_t=max_t, grace_period=grace, reduction_factor=space.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=space.reduction_factor
+        )
     else:
         scheduler = FIFOScheduler()
     concurrent = space.max_concurrent_trials
@@ -223,10 +223,10 @@ def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir
 
 def collect_rows(results, space: SearchSpace, sweep_dir: Path) -> list[dict]:
     """One row per trial: its id, swept values, the metric's last value (the mean over probes), each probe's
-    ``val/pr_auc/<probe>``, Tune iterations and a status.
+    ``val/pr_auc/<probe>``, the epochs reported (``iterations``) and a status.
 
     A trial is ``completed`` when its ``trials/<id>/probes.json`` holds every epoch of every probe, which stays
-    true across a resume (Tune's iteration count restarts there); else ``stopped early`` (ASHA).
+    true across a resume; else ``stopped early`` (ASHA).
     """
     rows = []
     for result in results:
@@ -246,7 +246,7 @@ def collect_rows(results, space: SearchSpace, sweep_dir: Path) -> list[dict]:
         row.update({key: config.get(key) for key in space.domains})
         row[space.metric] = float(value) if value is not None else math.nan
         row.update({k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val/pr_auc/")})
-        row.update({"iterations": int(metrics.get("training_iteration", 0)), "status": status})
+        row.update({"iterations": int(metrics.get("epoch", 0)), "status": status})
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["trial_id"]))
 

@@ -1,7 +1,7 @@
 """A validation probe: classification PR-AUC of one val instance under the encoder being trained.
 
 Used by sweeps to select settings on validation instances only (never the instances being evaluated). It runs
-inside a training worker through ``pipelines.train``'s ``report_extra`` hook and is built from paths only.
+inside a sweep trial's training workers (pipelines/sweep_trial.py) and is built from paths only.
 """
 
 from __future__ import annotations

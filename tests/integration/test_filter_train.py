@@ -17,7 +17,7 @@ from personalization.zoo import build_zoo
 from personalization.zoo.diffusion import build_stable_diffusion
 from personalization.zoo.dreamsim import build_dreamsim_cache
 from pipelines import filter as filter_stage
-from pipelines import generate, train
+from pipelines import generate, train, training
 from pipelines.common import stage_dir
 
 SIZE = 32
@@ -27,7 +27,7 @@ def _used_positives(cfg) -> set[str]:
     """The positive ids in the rows.parquet that train wrote for mug_1's run under ``cfg`` (num_pairs covers every
     anchor x positive pair, so every positive in the pool is used)."""
     cfg = train.resolve_negatives(cfg)
-    name = train.run_name(cfg, "mug_1", train.stage_inputs(cfg))
+    name = training.run_name(cfg, "mug_1", training.stage_inputs(cfg))
     rows = pq.read_table(stage_dir(cfg, "train", ".ray", "mug_1", f"{name}.inputs", "rows.parquet"))
     return {i for i, role in zip(rows["image_id"].to_pylist(), rows["role"].to_pylist(), strict=True)
             if role == "positive"}  # fmt: skip
@@ -93,8 +93,8 @@ def test_a_stale_rescoring_is_not_used(tmp_path):
         return lambda tmp: write_image_table(rows, tmp / "part.parquet")
 
     commit_stage(generated, "generate/positives", {"v": 1}, positives(1, None))
-    assert train.positives_paths(cfg, "mug_1") == [generated]  # never rescored
+    assert training.positives_paths(cfg, "mug_1") == [generated]  # never rescored
     commit_stage(rescored, "filter", {}, positives(1, 0.9), inputs={"generate": generated})
-    assert train.positives_paths(cfg, "mug_1") == [rescored]
+    assert training.positives_paths(cfg, "mug_1") == [rescored]
     commit_stage(generated, "generate/positives", {"v": 2}, positives(2, None))  # generated again
-    assert train.positives_paths(cfg, "mug_1") == [generated]
+    assert training.positives_paths(cfg, "mug_1") == [generated]

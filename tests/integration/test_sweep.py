@@ -202,7 +202,7 @@ def _negatives_trained_with(trial: Path, probe: str) -> set[str]:
     """The objects behind the negatives of ``probe``'s triplets, from the inputs train wrote for its run."""
     import pyarrow.parquet as pq
 
-    (inputs,) = (trial / "train" / ".ray" / probe).glob("*.inputs")
+    inputs = trial / "inputs" / probe
     rows = pq.read_table(inputs / "rows.parquet", columns=["image_id", "instance_id"]).to_pydict()
     owner = dict(zip(rows["image_id"], rows["instance_id"], strict=True))
     return {owner[negative] for _, _, negative in json.loads((inputs / "triplets.json").read_text())}

@@ -17,7 +17,7 @@ from torchvision import transforms
 from personalization.config import build_config, replace
 from personalization.contrastive.triplets import TripletError
 from personalization.schema import make_image_id, make_row, write_image_table
-from pipelines import train
+from pipelines import train, training
 
 # Ray workers cannot import this test module by name: ship the tiny model builder by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -103,7 +103,7 @@ def test_two_worker_ddp_trains_identical_replicas(ray_local, upstream):
     # The rows the driver read and handed to the workers: exactly the triplets' images, mug_1's own and those of
     # its val negative mug_v (never shoe_v's, the other category's).
     cfg = train.resolve_negatives(_cfg(upstream))
-    inputs = out / ".ray" / "mug_1" / f"{train.run_name(cfg, 'mug_1', train.stage_inputs(cfg))}.inputs"
+    inputs = out / ".ray" / "mug_1" / f"{training.run_name(cfg, 'mug_1', training.stage_inputs(cfg))}.inputs"
     rows = pq.read_table(inputs / "rows.parquet")
     triplets = json.loads((inputs / "triplets.json").read_text())
     assert sorted(rows["image_id"].to_pylist()) == sorted({i for t in triplets for i in t})
@@ -237,11 +237,11 @@ def test_rows_are_read_per_instance_with_pushdown(four_mugs):
                         "generate": {"enabled": True, "negatives_per_category": 8},
                         "filter": {"threshold": 0.5}, "train": {"negatives": "generated", "num_triplets": 8,
                         "positive_sources": ["cutpaste", "dreambooth"]}})  # fmt: skip
-    inputs = train.stage_inputs(cfg)
+    inputs = training.stage_inputs(cfg)
     with _arrow_peak() as plan_and_run:
         for k in range(4):
             instance = f"mug_{k}"
-            planned = train.instance_rows(cfg, instance, instances, inputs, columns=ID_COLUMNS)
+            planned = training.instance_rows(cfg, instance, instances, inputs, columns=ID_COLUMNS)
             assert planned.table.column_names == list(ID_COLUMNS)  # the plan reads no image bytes
             by_id = dict(zip(planned.table["image_id"].to_pylist(), planned.table["instance_id"].to_pylist(),
                              strict=True))  # fmt: skip
@@ -251,7 +251,7 @@ def test_rows_are_read_per_instance_with_pushdown(four_mugs):
             # 8 composites + the 4 generated positives scoring >= 0.5 (filter.threshold, applied on read)
             assert len(planned.positive_ids) == 8 + 4 and len(planned.negative_ids) == 8
             used = {planned.positive_ids[0], planned.negative_ids[0], planned.anchor_ids[0]}
-            run_rows = train.instance_rows(cfg, instance, instances, inputs, image_ids=used)
+            run_rows = training.instance_rows(cfg, instance, instances, inputs, image_ids=used)
             assert set(run_rows.table["image_id"].to_pylist()) == used
     with _arrow_peak() as whole:  # what the driver held before: every instance's rows at once
         read_image_table([out / "cutpaste", out / "generate", out / "ingest"])

@@ -13,7 +13,7 @@ from personalization.contrastive.released import load_released_positives
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import decode_image, make_image_id, make_row, write_image_table
 from pipelines.common import check_before_start
-from pipelines.train import instance_rows, plan_triplets, stage_inputs
+from pipelines.training import instance_rows, plan_triplets, stage_inputs
 
 INSTANCES = {"mug_01": {"category": "mug", "split": "test"}}
 
