@@ -69,6 +69,7 @@ class Size:
     generated_size: int = 64
     composites: int = 16  # per object
     composite_size: int = 128
+    backgrounds: int = 8  # generated Cut-and-Paste backgrounds (with generation), once per run
     triplets: int = 32
 
     def scaled(self, factor: int) -> Size:
@@ -88,6 +89,7 @@ PAPER = Size(
     generated_size=512,
     composites=100,
     composite_size=256,
+    backgrounds=100,
 )
 
 
@@ -162,6 +164,7 @@ def run_config(size: Size, zoo: dict[str, Path]) -> dict:
                              "negatives_per_category": size.negatives_per_category,
                              "max_attempts": 4 * max(size.positives, size.negatives_per_category), "num_prompts": 8,
                              "steps": 1, "image_size": size.generated_size, "batch_size": 8}  # fmt: skip
+        layer["cutpaste"]["num_backgrounds"] = size.backgrounds
         layer["filter"] = {"cache_dir": str(zoo["dreamsim"]), "dreamsim_type": "clip_vitb32", "threshold": 0.0}
         layer["train"] |= {"positive_sources": ["masked_dreambooth", "cutpaste"], "negatives": "generated"}
     return layer

@@ -108,6 +108,7 @@ def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
                   "steps": 2, "image_size": 32, "batch_size": 2, "num_actors": 1, "gpus_per_actor": 0.0,
                   "num_prompts": 2},
         filter={"enabled": False},
+        cutpaste={"num_backgrounds": 2},  # generated (generation is on): two tiny ones
         train={"positive_sources": ["masked_dreambooth", "cutpaste"], "epochs": 1},
     )  # fmt: skip
     # Two CFG values x two samples = four trials, but only two generations.
