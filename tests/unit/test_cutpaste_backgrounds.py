@@ -1,12 +1,11 @@
 """cutpaste.backgrounds: which background set auto picks, the rules that refuse a config naming the key and the fix,
 and the background prompts an LLM writes (against a real local HTTP server), asked once and kept. No Ray here."""
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
+from chat_server import ChatServer
 
 from personalization.config import ConfigError, build_config, load_config
 from personalization.synthesis.backgrounds import parse_background_prompts
@@ -91,38 +90,11 @@ def test_parse_background_prompts_strips_markers_and_repeats():
                                                "a quiet garden path"]  # fmt: skip
 
 
-class ChatServer:
-    """A local chat-completions endpoint answering every POST with REPLY; counts the requests."""
-
-    def __init__(self):
-        self.requests = 0
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                owner.requests += 1
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": REPLY}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def chat_server():
-    server = ChatServer()
+    server = ChatServer(lambda body: REPLY)
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 def _llm_config(out, n=3):
@@ -140,12 +112,12 @@ def test_llm_background_prompts_are_asked_once_and_kept(chat_server, tmp_path, m
     for name, value in zip(ENV_VARS, (chat_server.base_url, "key", "model"), strict=True):
         monkeypatch.setenv(name, value)
     expected = ["an empty wooden desk", "a bare tiled floor at night", "a quiet garden path"]
-    assert background_prompts(cfg) == expected and chat_server.requests == 1
+    assert background_prompts(cfg) == expected and len(chat_server.requests) == 1
     assert json.loads((tmp_path / "cutpaste" / LLM_PROMPTS).read_text()) == expected
     for name in ENV_VARS:
         monkeypatch.delenv(name)
     check_backgrounds(cfg)  # kept: nothing to ask, no endpoint needed
-    assert background_prompts(cfg) == expected and chat_server.requests == 1
+    assert background_prompts(cfg) == expected and len(chat_server.requests) == 1
 
 
 def test_template_prompts_are_the_bank_of_empty_scenes(tmp_path):

@@ -1,12 +1,11 @@
 """generate.prompt_source: the LLM prompt writer against a real local HTTP server speaking the chat-completions
 protocol (no client code replaced), the prompt file it keeps, and the errors before any work."""
 
-import http.server
 import json
-import threading
 
 import pytest
 import skimage.data
+from chat_server import ChatServer
 from PIL import Image
 
 from personalization.config import ConfigError, build_config
@@ -21,42 +20,12 @@ REPLY = "\n".join(["1. a <new1> {c} on a desk", "2. a <new1> {c} at night", "no 
                    "* a <new1> {c} at night"])  # fmt: skip
 
 
-class ChatServer:
-    """A local OpenAI-compatible endpoint: answers every POST to /v1/chat/completions with REPLY for the category
-    the request names, and records what it was sent."""
-
-    def __init__(self):
-        self.requests = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                category = "shoe" if "<new1> shoe" in body["messages"][0]["content"] else "mug"
-                reply = {"choices": [{"message": {"role": "assistant", "content": REPLY.format(c=category)}}]}
-                payload = json.dumps(reply).encode()
-                self.send_response(200 if self.path == "/v1/chat/completions" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def chat_server():
-    server = ChatServer()
+    def reply(body: dict) -> str:  # the category the request names
+        return REPLY.format(c="shoe" if "<new1> shoe" in body["messages"][0]["content"] else "mug")
+
+    server = ChatServer(reply)
     yield server
     server.close()
 
