@@ -8,7 +8,7 @@ TOY ?= outputs/toy
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast lint bench lock clean
+.PHONY: install demo test test-fast test-paper lint bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check personalization pipelines tests benchmarks
 
 test: $(STAMP) lint
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra --durations=15 tests
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra --durations=15 -m "not paper" tests
+
+# Every config of configs/paper/ end to end on the tiny zoo (`make test` runs the base one only): ~20 minutes.
+test-paper: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra tests/e2e/test_paper_configs_run.py
 
 # Day-to-day: the unit tests without the slow ones (no Ray; under 2 minutes). `make test` runs everything.
 test-fast: $(STAMP)

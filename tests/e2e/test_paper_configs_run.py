@@ -11,11 +11,9 @@ generate.prompt_source=llm asks a local chat-completions endpoint served here, t
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import math
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from chat_server import ChatServer
 from PIL import Image
 
 from personalization.config import ExperimentConfig, load_config, to_dict
@@ -75,39 +74,17 @@ def _upstream(path: Path) -> str:
 
 
 CONFIGS = sorted(PAPER.glob("*.yaml"), key=lambda p: (_upstream(p), p.name))
+# `make test` runs the base (every data stage of the recipe: DreamBooth, generation, SAM-masked DreamSim filter,
+# generated Cut-and-Paste backgrounds); the others are marked `paper`: `make test-paper` walks the whole folder
+# (about 20 minutes on a 2-core CPU, most of it Ray start-up per config, so not in every test run).
+BASE = "table1_pods_dinov2"
+CASES = [pytest.param(p, id=p.stem, marks=() if p.stem == BASE else pytest.mark.paper) for p in CONFIGS]
 
 
-class ChatServer:
-    """A local OpenAI-compatible endpoint on 127.0.0.1: every chat completion is a few prompts for the category
-    that the request names."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append(body)
-                category = body["messages"][0]["content"].split("'<new1> ")[1].split("'")[0]
-                lines = [f"{k}. a <new1> {category} {place}" for k, place in enumerate(("on a shelf", "in the rain"))]
-                payload = json.dumps({"choices": [{"message": {"content": "\n".join(lines)}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def _prompts(body: dict) -> str:
+    """The local LLM's answer: a few prompts for the category the request names."""
+    category = body["messages"][0]["content"].split("'<new1> ")[1].split("'")[0]
+    return "\n".join(f"{k}. a <new1> {category} {place}" for k, place in enumerate(("on a shelf", "in the rain")))
 
 
 def _accepting_dreamsim(zoo_dreamsim: Path, out: Path) -> Path:
@@ -135,7 +112,7 @@ def world(tmp_path_factory):
     rng = np.random.default_rng(0)
     for k in range(3):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(negatives / f"{k}.png")
-    chat = ChatServer()
+    chat = ChatServer(_prompts)
     yield SimpleNamespace(root=root, toy=toy, zoo=zoo, negatives=negatives.parent, chat=chat,
                           dreamsim=_accepting_dreamsim(zoo["dreamsim"], root / "dreamsim"))  # fmt: skip
     chat.close()
@@ -170,7 +147,7 @@ def _check_metrics(summary: dict, tasks: tuple[str, ...]) -> None:
             assert 0.0 <= summary["per_split"][model][split]["classification/pr_auc"] <= 1.0
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CASES)
 def test_paper_config_runs_end_to_end(path, world, ray_local, monkeypatch):
     for name, value in zip(ENV_VARS, (world.chat.base_url, "local", "tiny-llm"), strict=True):
         monkeypatch.setenv(name, value)
