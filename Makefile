@@ -5,10 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 TOY ?= outputs/toy
+TOY_ARGS ?=
+# Test objects `make demo` personalizes (the first N of the toy's 12, sorted); every test object's photos stay in
+# the evaluation as distractors. 0 = all 12 (about 25 minutes on a 2-core CPU).
+DEMO_OBJECTS ?= 2
+SOURCES_OUT ?= outputs/demo_sources
+SOURCES_ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast test-paper lint bench lock clean
+.PHONY: install demo demo-sources test test-fast test-paper lint bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +26,32 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+DEMO_RUN = $(BIN)/personalize run --config configs/demo.yaml data.root=$(TOY) data.max_instances=$(DEMO_OBJECTS)
+
 # The toy benchmark through every stage with the real ImageNet MobileNetV2, then the generation path
 # (DreamBooth, sampling, DreamSim filter) on the zoo's tiny random models.
 demo: $(STAMP)
-	$(BIN)/personalize make-toy --out $(TOY)
-	$(BIN)/personalize run --config configs/demo.yaml data.root=$(TOY) output_dir=$(DEMO_OUT)
+	$(BIN)/personalize make-toy --out $(TOY) $(TOY_ARGS)
+	$(DEMO_RUN) output_dir=$(DEMO_OUT)
 	$(BIN)/personalize zoo --out models/zoo
 	$(BIN)/personalize run --config configs/demo_generation.yaml data.root=$(TOY) output_dir=$(DEMO_OUT)_generation
+
+# The paper's positive-source table in small: real photos only / Cut-and-Paste only / both (the demo's own run,
+# reused when `make demo` made it), side by side by `personalize compare`. The two new runs read the demo's ingest
+# and cutpaste outputs through links. SOURCES_ARGS: extra key=value overrides for all three runs.
+demo-sources: $(STAMP)
+	$(BIN)/personalize make-toy --out $(TOY) $(TOY_ARGS)
+	$(DEMO_RUN) output_dir=$(DEMO_OUT) $(SOURCES_ARGS)
+	mkdir -p $(SOURCES_OUT)
+	ln -sfn $(abspath $(DEMO_OUT)) $(SOURCES_OUT)/combined
+	for source in real cutpaste; do \
+	  mkdir -p $(SOURCES_OUT)/$$source && \
+	  ln -sfn $(abspath $(DEMO_OUT))/ingest $(SOURCES_OUT)/$$source/ingest && \
+	  ln -sfn $(abspath $(DEMO_OUT))/cutpaste $(SOURCES_OUT)/$$source/cutpaste && \
+	  $(DEMO_RUN) output_dir=$(SOURCES_OUT)/$$source "train.positive_sources=[$$source]" $(SOURCES_ARGS) || exit 1; \
+	done
+	$(BIN)/personalize compare $(SOURCES_OUT)/real $(SOURCES_OUT)/cutpaste $(SOURCES_OUT)/combined \
+	  --out $(SOURCES_OUT)/comparison.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check personalization pipelines tests benchmarks
