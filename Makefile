@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 TOY ?= outputs/toy
-TOY_ARGS ?=
 # Test objects `make demo` personalizes (the first N of the toy's 12, sorted); every test object's photos stay in
 # the evaluation as distractors. 0 = all 12 (about 25 minutes on a 2-core CPU).
 DEMO_OBJECTS ?= 2
@@ -30,8 +29,12 @@ DEMO_RUN = $(BIN)/personalize run --config configs/demo.yaml data.root=$(TOY) da
 
 # The toy benchmark through every stage with the real ImageNet MobileNetV2, then the generation path
 # (DreamBooth, sampling, DreamSim filter) on the zoo's tiny random models.
-demo: $(STAMP)
-	$(BIN)/personalize make-toy --out $(TOY) $(TOY_ARGS)
+# Written once: a rewrite would give its files new mtimes, and ingest (which hashes them) and every later stage
+# would be redone. `rm -r $(TOY)` for a fresh one.
+$(TOY)/pods_image_annos.json: | $(STAMP)
+	$(BIN)/personalize make-toy --out $(TOY)
+
+demo: $(STAMP) $(TOY)/pods_image_annos.json
 	$(DEMO_RUN) output_dir=$(DEMO_OUT)
 	$(BIN)/personalize zoo --out models/zoo
 	$(BIN)/personalize run --config configs/demo_generation.yaml data.root=$(TOY) output_dir=$(DEMO_OUT)_generation
@@ -39,8 +42,7 @@ demo: $(STAMP)
 # The paper's positive-source table in small: real photos only / Cut-and-Paste only / both (the demo's own run,
 # reused when `make demo` made it), side by side by `personalize compare`. The two new runs read the demo's ingest
 # and cutpaste outputs through links. SOURCES_ARGS: extra key=value overrides for all three runs.
-demo-sources: $(STAMP)
-	$(BIN)/personalize make-toy --out $(TOY) $(TOY_ARGS)
+demo-sources: $(STAMP) $(TOY)/pods_image_annos.json
 	$(DEMO_RUN) output_dir=$(DEMO_OUT) $(SOURCES_ARGS)
 	mkdir -p $(SOURCES_OUT)
 	ln -sfn $(abspath $(DEMO_OUT)) $(SOURCES_OUT)/combined
