@@ -71,7 +71,7 @@ TORCH_SAVE_ALLOWED = {
 # Places that read Parquet without `schema.read_image_table`, with the reason.
 PARQUET_READ_ALLOWED = {
     "personalization/schema.py": "read_image_table itself: validate_table on every shard",
-    "pipelines/train.py": "the run's own rows.parquet, written from a validated table a moment before",
+    "pipelines/training.py": "the run's own rows.parquet, written from a validated table a moment before",
     "pipelines/filter.py": "shards validated by read_image_table in the same run() before Ray reads them",
     "personalization/gallery.py": "find's own embedding cache; EmbeddingCache._open checks the schema of each shard",
 }
