@@ -1,7 +1,7 @@
 """`generate` throughput: the Ray Data stage (one ImageSampler actor, filter off and on) against a plain loop.
 
 Model: the zoo's tiny SD 1.5-shaped pipeline (``build_zoo(dir, parts=["stable_diffusion"])``), DPM-Solver, CFG 5.
-Candidate: ``pipelines.generate.run_generation`` (rows -> ImageSampler actor pool [-> Scorer actor pool] ->
+Candidate: ``pipelines.generation.run_generation`` (rows -> ImageSampler actor pool [-> Scorer actor pool] ->
 Parquet), the code path of ``personalize generate``. Baseline: ``StableDiffusionPipeline`` called in a plain
 loop over the same prompts, seeds, steps, size and batch, each image PNG-encoded (the stage stores PNG bytes);
 with the filter on, the plain loop also scores each batch with the same ``Scorer`` class, in line.
@@ -127,7 +127,8 @@ def measure(
     from personalization.filtering.scorer import Scorer
     from personalization.synthesis.sampler import make_generation_rows
     from personalization.zoo import build_zoo
-    from pipelines.generate import run_generation, scorer_kwargs
+    from pipelines.common import scorer_kwargs
+    from pipelines.generation import run_generation
 
     parts = build_zoo(zoo_dir(), parts=["stable_diffusion", "dreamsim"] if n_filtered else ["stable_diffusion"])
     sd = str(parts["stable_diffusion"])

@@ -31,7 +31,7 @@ from personalization.synthesis.llm import endpoint_from_env
 from personalization.synthesis.prompts import make_background_prompts
 from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines.common import ray_session, resolved, stage_dir
-from pipelines.generate import run_generation
+from pipelines.generation import run_generation
 
 UNIT = "cutpaste/backgrounds"  # the stage name in the unit's manifest
 FOLDER = "_backgrounds"  # under OUT/cutpaste
@@ -99,12 +99,12 @@ def background_prompts(cfg: ExperimentConfig) -> list[str]:
 
 
 def ensure_backgrounds(cfg: ExperimentConfig) -> Path:
-    """The committed unit of generated backgrounds: reused when current, else sampled now and committed."""
+    """The committed unit of generated backgrounds: reused when current, else sampled now and committed (the caller
+    has run :func:`check_backgrounds` before starting Ray: pipelines/cutpaste.py:run)."""
     out, config = backgrounds_path(cfg), unit_config(cfg)
     if is_current(out, UNIT, config):
         log.info("cutpaste: reusing the %d generated backgrounds in %s", read_manifest(out)["rows"], out)
         return out
-    check_backgrounds(cfg)
     base, gen, n = cfg.dreambooth.base_model, cfg.generate, cfg.cutpaste.num_backgrounds
     prompts = background_prompts(cfg)
     rows = make_generation_rows(INSTANCE, "", prompts, n, generator=base, cfg=gen.guidance_scale, seed=cfg.seed,
