@@ -39,11 +39,16 @@ STAGE_START = re.compile(r"^\[(\d+)/(\d+)\] (\w+) \.\.\.$")
 UNIT_DONE = re.compile(r"personalize\.evaluate INFO evaluate: (pretrained|personalized) ")
 
 
-def make_dataset(out: Path, objects: int, size: int) -> Path:
-    from personalization.datasets import make_toy
+def make_dataset(out: Path, size: int, categories: str = "", test_per_category: int = 0) -> Path:
+    """The toy `make demo` runs on, written by the Makefile's ``personalize make-toy --out DIR`` (its defaults: 4
+    categories x (2 val + 3 test) instances); ``categories`` (comma-separated) / ``test_per_category`` shrink it."""
+    from pipelines import make_toy
 
-    return make_toy(out / "toy", seed=0, categories=["mug"], val_per_category=2, test_per_category=objects,
-                    size=size)  # fmt: skip
+    args = ["--out", str(out / "toy"), "--size", str(size)]
+    args += ["--categories", categories] if categories else []
+    args += ["--test-per-category", str(test_per_category)] if test_per_category else []
+    make_toy.main(args)
+    return out / "toy"
 
 
 def run_demo(overrides: list[str], log_path: Path, timeout: float = 3600) -> tuple[float, list[tuple[float, str]]]:
@@ -161,6 +166,14 @@ def evaluate_floor(cfg, out: Path, objects: list[str]) -> dict[str, float]:
     return found
 
 
+def _describe_toy(root: Path) -> str:
+    info = json.loads((root / "pods_info.json").read_text())
+    splits = list(info["class_to_split"].values())
+    images = {folder: sum(1 for _ in (root / folder).glob("*/*")) for folder in ("train", "test", "test_dense")}
+    return (f"{splits.count('test')} test + {splits.count('val')} val objects, {images['train']} train, "
+            f"{images['test']} test, {images['test_dense']} dense photos")  # fmt: skip
+
+
 def with_threads(threads: int, fn):
     """``fn()`` with torch on ``threads`` intra-op threads (put back after)."""
     import torch
@@ -173,9 +186,19 @@ def with_threads(threads: int, fn):
         torch.set_num_threads(before)
 
 
-def measure(objects: int = 2, size: int = 0, triplets: int = 0, composites: int = 0, floor_steps: int = 2) -> Result:
-    """``size`` / ``triplets`` / ``composites`` 0 = the demo's (toy photos of 224 px, `make demo`'s); a ``size``
-    sets the toy's photo side, the model's input and composites' side, and dense maps at twice it.
+def measure(
+    objects: int = 2,
+    size: int = 0,
+    triplets: int = 0,
+    composites: int = 0,
+    floor_steps: int = 2,
+    categories: str = "",
+    test_per_category: int = 0,
+) -> Result:
+    """`make demo`'s run: ``objects`` personalized (``data.max_instances``) of the toy's test objects, all of whose
+    photos are evaluated. ``size`` / ``triplets`` / ``composites`` 0 = the demo's (toy photos of 224 px); a
+    ``size`` sets the toy's photo side, the model's input and composites' side, and dense maps at twice it.
+    ``categories`` / ``test_per_category`` make a smaller toy than make-toy's (:func:`make_dataset`).
 
     The floor of train and evaluate is the better of two ways to use the cores, both timed here: one process
     with torch on every core, or one thread per core with the independent work (objects, encoders) spread over
@@ -185,8 +208,8 @@ def measure(objects: int = 2, size: int = 0, triplets: int = 0, composites: int 
     from personalization.config import load_config
 
     work = scratch("e2e")
-    root, out = make_dataset(work, objects, size or 224), work / "run"
-    overrides = [f"data.root={root}", f"output_dir={out}"]
+    root, out = make_dataset(work, size or 224, categories, test_per_category), work / "run"
+    overrides = [f"data.root={root}", f"output_dir={out}", f"data.max_instances={objects}"]
     if size:
         overrides += [
             f"model.image_size={size}",
@@ -216,6 +239,7 @@ def measure(objects: int = 2, size: int = 0, triplets: int = 0, composites: int 
     }
     augment = min(augment_all, augment_one) * steps
     result = _table(stages, floors, wall, lines, train_loops(out, cfg), eval_one, augment, summary, cfg)
+    result.notes.insert(0, f"toy: {_describe_toy(root)}")
     result.add(f"train step floor: {cores} threads", train_all, f"s (1 thread: {train_one:.2f} s)")
     result.add(f"evaluate floor: {cores} threads", eval_all["forward"], f"s (1 thread: {eval_one['forward']:.1f} s)")
     return result
@@ -250,7 +274,7 @@ def _table(stages, floors, wall, lines, loops, evaluation, augment_per_object, s
             result.add(f"metric {key}: pretrained -> personalized", personalized[key] - pretrained[key],
                        f"gain ({pretrained[key]:.3f} -> {personalized[key]:.3f})")  # fmt: skip
     result.notes.append(
-        f"{len(summary['instances'])} toy objects (1 category, 2 val instances), configs/demo.yaml, "
+        f"{len(summary['instances'])} toy objects personalized (data.max_instances), configs/demo.yaml, "
         f"{cfg.model.image_size} px, dense {cfg.evaluate.dense_image_size} px, {cfg.train.num_triplets} triplets, "
         f"batch {cfg.train.batch_size}; floor on {os.cpu_count()} cores in one process"
     )

@@ -18,7 +18,15 @@ from benchmarks.__main__ import MARKER, ORDER, render, write_results  # noqa: E4
 MINIMAL = {
     "cutpaste": {"instances": 1, "composites": 2, "size": 64},
     "evaluate": {"instances": 1, "size": 64, "batch": 4},
-    "e2e": {"objects": 1, "size": 64, "triplets": 16, "composites": 4, "floor_steps": 1},
+    "e2e": {
+        "objects": 1,
+        "size": 64,
+        "triplets": 16,
+        "composites": 4,
+        "floor_steps": 1,
+        "categories": "mug",
+        "test_per_category": 1,
+    },
     "generate": {"n_images": 3, "n_filtered": 0, "steps": 1, "size": 16, "batch": 1, "repeats": 1},
     "train": {"num_triplets": 16, "batch": 8, "size": 32, "composites": 4, "ddp": False},
     "scale": {"counts": (1,), "size": 64, "triplets": 16, "one_at_a_time": False},
