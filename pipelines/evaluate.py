@@ -20,13 +20,16 @@ Reads OUT/ingest (images.parquet, instances.json) and the adapters OUT/train/<in
 The evaluated population, the test set and the dense images are defined in ``personalization/evaluation/
 images.py``; the pretrained encoder is scored for every selected instance, the personalized encoder of X for X
 only, over the same images. Work items are one encoder and the instances it is scored on (the pretrained one in
-chunks of ``PRETRAINED_CHUNK`` instances, each personalized one alone), run by one Ray Data actor pool
-(:class:`EvaluateActor`): an actor streams the rows it needs from the Parquet table, computes the metrics there
-(``personalization/evaluation/measure.py``) and returns a compact JSON result per instance (metrics, PR curve,
-boxes and scores, the report's example: one RLE mask and its image), never the image table or dense masks. The
-driver commits each (model, instance) as it arrives; a failure is kept to its instance
-(``OUT/evaluate/failures.json``; the summary files list the others, with ``"failed"`` and no manifest), and a
-re-run redoes only the units that are missing or out of date.
+chunks of ``PRETRAINED_CHUNK`` instances, each personalized one alone), each run as two parts, the embedding
+tasks and the dense tasks (``split_tasks``: they share no computation, and three encoders' six parts keep two
+actors busy where three whole items leave one idle for the last), by one Ray Data actor pool
+(:class:`EvaluateActor`, one item per actor at a time): an actor streams the rows it needs from the Parquet table,
+computes the metrics there (``personalization/evaluation/measure.py``) and returns a compact JSON result per
+instance (metrics, PR curve, boxes and scores, the report's example: one RLE mask and its image), never the image
+table or dense masks. The driver merges the parts of each (model, instance) (``merge_results``) and commits it
+when its last part arrives; a failure is kept to its instance (``OUT/evaluate/failures.json``; the summary files
+list the others, with ``"failed"`` and no manifest), and a re-run redoes only the units that are missing or out
+of date.
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ from personalization.config import ExperimentConfig, to_dict
 from personalization.errors import MissingInputError, UserError
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.images import EvaluationImages, load_evaluation_images
-from personalization.evaluation.measure import DENSE_TASKS, EvaluationInputs, evaluate_encoder
+from personalization.evaluation.measure import (
+    DENSE_TASKS,
+    EvaluationInputs,
+    evaluate_encoder,
+    merge_results,
+    split_tasks,
+)
 from personalization.evaluation.outputs import (
     MODELS,
     add_to_metrics,
@@ -66,8 +75,8 @@ log = logging.getLogger(f"personalize.{STAGE}")
 
 
 class EvaluateActor:
-    """Ray Data actor: a work item ``(model, adapter, instances)`` -> one row per instance, ``result`` (the JSON
-    of :func:`~personalization.evaluation.measure.evaluate_encoder`'s result) or ``error`` (one line).
+    """Ray Data actor: a work item ``(model, adapter, instances, tasks)`` -> one row per instance, ``result`` (the
+    JSON of :func:`~personalization.evaluation.measure.evaluate_encoder`'s result) or ``error`` (one line).
 
     An encoder is built on first use and the ``cache`` most recent are kept (pretrained chunks share one). A
     failing item (a broken adapter, an unreadable image) becomes error rows: the other items go on.
@@ -85,17 +94,18 @@ class EvaluateActor:
         self._encoders.move_to_end(adapter)
         return self._encoders[adapter]
 
-    def evaluate(self, adapter: str, instances: list[str]) -> dict[str, dict]:
-        reading = {k: self.settings[k] for k in ("tasks", "batch_size", "min_object_pixels")}
-        inputs = EvaluationInputs(self.images_path, self.sets, instances, **reading)
+    def evaluate(self, adapter: str, instances: list[str], tasks: list[str]) -> dict[str, dict]:
+        reading = {k: self.settings[k] for k in ("batch_size", "min_object_pixels", "streamed")}
+        inputs = EvaluationInputs(self.images_path, self.sets, instances, tasks, **reading)
         return evaluate_encoder(self.encoder(adapter), inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"model": [], "instance": [], "result": [], "image": [], "error": []}
-        for model, adapter, instances in zip(batch["model"], batch["adapter"], batch["instances"], strict=True):
+        out: dict[str, list] = {"model": [], "instance": [], "part": [], "result": [], "image": [], "error": []}
+        items = zip(batch["model"], batch["adapter"], batch["instances"], batch["tasks"], batch["part"], strict=True)
+        for model, adapter, instances, tasks, part in items:
             instances = json.loads(instances)
             try:
-                found, error = self.evaluate(str(adapter), instances), ""
+                found, error = self.evaluate(str(adapter), instances, json.loads(tasks)), ""
             except Exception as failure:  # noqa: BLE001 - kept to this item's instances, reported by the driver
                 log.exception("evaluate: %s encoder of %s failed", model, instances)
                 found, error = {}, describe(failure)
@@ -104,6 +114,7 @@ class EvaluateActor:
                 example = (result or {}).get("example") or {}
                 out["model"].append(str(model))
                 out["instance"].append(instance)
+                out["part"].append(int(part))
                 out["image"].append(example.pop("image", b""))  # the example's PNG, as bytes beside the JSON
                 out["result"].append(json.dumps(result) if result is not None else "")
                 out["error"].append(error)
@@ -130,26 +141,60 @@ def stream_results(
     cfg: ExperimentConfig, images_path: Path, sets: EvaluationImages, items: list[dict]
 ) -> Iterator[dict]:
     """Rows ``{model, instance, result (JSON), image (the example's PNG or b""), error}`` as the actors finish them
-    (in no fixed order)."""
+    (in no fixed order), each the merge of its parts (:func:`in_parts`)."""
     if not items:
         return
     settings = {
-        "tasks": list(cfg.evaluate.tasks),
         "batch_size": cfg.evaluate.batch_size,
         "dense_size": cfg.evaluate.dense_image_size,
         "min_object_pixels": cfg.evaluate.min_object_pixels,
+        "streamed": list(cfg.evaluate.tasks),
     }
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    parts = in_parts(items, cfg.evaluate.tasks)
+    dataset = ray.data.from_items(parts, override_num_blocks=len(parts))
     dataset = dataset.map_batches(
         EvaluateActor,
         fn_constructor_kwargs={"model": to_dict(cfg.model), "images_path": str(images_path), "sets": sets,
                                "settings": settings},
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.evaluate.num_actors, len(items))),
+        # one item in flight per actor: an item queued behind a busy actor would wait while another sits idle
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.evaluate.num_actors, len(parts)),
+                                           max_tasks_in_flight_per_actor=1),
         batch_size=1,
         batch_format="numpy",
         num_gpus=1.0 if wants_gpu(cfg, STAGE) else 0.0,
     )  # fmt: skip
-    yield from dataset.iter_rows()
+    yield from merge_parts(dataset.iter_rows(), len(parts) // len(items))
+
+
+def in_parts(items: list[dict], tasks: Sequence[str]) -> list[dict]:
+    """Each work item once per part of ``tasks`` (:func:`split_tasks`), every item's first part before any second
+    part (the larger parts first), with its ``tasks`` (JSON) and ``part`` (index)."""
+    return [
+        item | {"tasks": json.dumps(list(part)), "part": k}
+        for k, part in enumerate(split_tasks(tasks))
+        for item in items
+    ]
+
+
+def merge_parts(rows: Iterator[dict], count: int) -> Iterator[dict]:
+    """The rows of each (model, instance) merged once its ``count`` parts have arrived: the first error, else the
+    merged result and the example's image."""
+    pending: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        key = (row["model"], row["instance"])
+        pending.setdefault(key, []).append(row)
+        if len(pending[key]) < count:
+            continue
+        parts = sorted(pending.pop(key), key=lambda r: r["part"])
+        error = next((r["error"] for r in parts if r["error"]), "")
+        results = [] if error else [json.loads(r["result"]) for r in parts]
+        yield {
+            "model": key[0],
+            "instance": key[1],
+            "result": json.dumps(merge_results(results)) if results else "",
+            "image": next((r["image"] for r in parts if r["image"]), b""),
+            "error": error,
+        }
 
 
 def unit_config(cfg: ExperimentConfig, model: str, instance: str) -> dict:

@@ -10,6 +10,10 @@ retrieval keys}}``, :func:`compute_split_metrics`; empty without PODS test split
 ``example`` (the best prediction on one of the instance's own images: ``{"image_id", "score", "rle", "image"
 (its PNG bytes)}``, or None). Dense masks become COCO RLE as they are predicted, so the process holds embeddings
 (N x D floats) and RLEs, never a batch of full-size masks beyond the one being predicted.
+
+The embedding tasks and the dense tasks share no computation, so one encoder's evaluation can run as two parts
+(:func:`split_tasks`), in two processes at once; :func:`merge_results` puts their results together into exactly
+what one call with every task returns.
 """
 
 from __future__ import annotations
@@ -33,6 +37,24 @@ EMBED_TASKS = ("classification", "retrieval")
 RETRIEVAL_NAMES = ("ndcg", "mrr", "top10")  # evaluate_retrieval's keys
 
 
+def split_tasks(tasks: Sequence[str]) -> list[tuple[str, ...]]:
+    """``tasks`` as independent parts, the embedding tasks first (the larger part: every train and test image),
+    then the dense ones; empty parts left out."""
+    parts = [tuple(t for t in tasks if t in EMBED_TASKS), tuple(t for t in tasks if t in DENSE_TASKS)]
+    return [part for part in parts if part]
+
+
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One instance's result from its parts' results (:func:`evaluate_encoder` on each of :func:`split_tasks`, in
+    that order): metrics in order, and each other field from the part that has it."""
+    merged = {"metrics": {}, "curve": None, "split_metrics": {}, "predictions": [], "example": None}
+    for part in parts:
+        merged["metrics"].update(part["metrics"])
+        for key in ("curve", "split_metrics", "predictions", "example"):
+            merged[key] = part[key] or merged[key]
+    return merged
+
+
 def compute_templates(
     extractor: FeatureExtractor, images_path: str | Path, sets: EvaluationImages, instances: Sequence[str]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -53,7 +75,8 @@ def compute_templates(
 class EvaluationInputs:
     """What one encoder is evaluated on: the evaluation images' Parquet folder and their sets, the instances
     scored, the tasks asked, and the reading settings (rows per streamed batch; the fewest pixels a predicted
-    object keeps)."""
+    object keeps). ``streamed``: the tasks whose images the pass streams (default: ``tasks``); a part of the tasks
+    streams those of all of them, so that its batches, and with them its floats, are those of the whole."""
 
     images_path: str | Path
     sets: EvaluationImages
@@ -61,6 +84,7 @@ class EvaluationInputs:
     tasks: Sequence[str]
     batch_size: int
     min_object_pixels: int
+    streamed: Sequence[str] = ()
 
 
 def extract_features(
@@ -72,12 +96,15 @@ def extract_features(
     images_path, sets, instances, tasks = inputs.images_path, inputs.sets, inputs.instances, inputs.tasks
     embed = set(sets.train + sets.test) if set(EMBED_TASKS) & set(tasks) else set()
     dense = set(sets.dense) if set(DENSE_TASKS) & set(tasks) else set()
+    streamed = set(inputs.streamed or tasks)
+    stream = set(sets.train + sets.test) if set(EMBED_TASKS) & streamed else set()
+    stream |= set(sets.dense) if set(DENSE_TASKS) & streamed else set()
     templates = compute_templates(extractor, images_path, sets, instances) if dense else {}
     embeddings: dict[str, np.ndarray] = {}
     predictions: dict[str, list[dict]] = {i: [] for i in instances}
     annotations: dict[str, dict | None] = {}
     examples: dict[str, dict] = {}
-    for table in iter_rows(images_path, embed | dense, ["image", "mask"], inputs.batch_size):
+    for table in iter_rows(images_path, embed | dense | stream, ["image", "mask"], inputs.batch_size):
         ids, images = table["image_id"].to_pylist(), table["image"].to_pylist()
         chosen = [k for k, i in enumerate(ids) if i in embed]
         if chosen:

@@ -14,7 +14,7 @@ from personalization.evaluation.coco import encode_annotation, encode_prediction
 from personalization.evaluation.dense import DensePrediction, mask_box
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.images import iter_rows, load_evaluation_images, load_instances_file
-from personalization.evaluation.measure import EvaluationInputs, evaluate_encoder
+from personalization.evaluation.measure import EvaluationInputs, evaluate_encoder, merge_results, split_tasks
 from personalization.evaluation.outputs import commit_files, load_result, save_result, write_summary
 
 HW = (40, 50)
@@ -199,6 +199,28 @@ def test_evaluate_encoder_results_do_not_depend_on_the_streamed_batch_size(two_s
     assert set(found[0]["a"]) == {"metrics", "curve", "split_metrics", "predictions", "example"}
     assert 0.0 <= found[0]["a"]["metrics"]["classification/pr_auc"] <= 1.0
     assert {p["image_id"] for p in found[0]["a"]["predictions"]} <= set(sets.dense)
+
+
+def test_an_encoder_evaluated_in_parts_gives_exactly_the_whole_result(two_shards):
+    """The embedding part and the dense part, each streaming every task's images, merge into the one-call result:
+    the same metrics (in the same order), curves, split metrics, predictions and example, to the last bit."""
+    extractor = FeatureExtractor({"backbone": "mobilenetv2", "image_size": 32}, device="cpu")
+    sets = load_evaluation_images(two_shards, {"a": {"split": "test"}, "b": {"split": "test"}})
+    tasks = ("detection", "classification", "segmentation", "retrieval")
+    assert split_tasks(tasks) == [("classification", "retrieval"), ("detection", "segmentation")]
+    assert split_tasks(["retrieval"]) == [("retrieval",)]
+
+    def evaluate(part):
+        inputs = EvaluationInputs(two_shards, sets, ["a", "b"], part, 3, min_object_pixels=1, streamed=tasks)
+        return evaluate_encoder(extractor, inputs)
+
+    whole, parts = evaluate(tasks), [evaluate(part) for part in split_tasks(tasks)]
+    assert not parts[0]["a"]["predictions"] and parts[1]["a"]["curve"] is None  # each part holds only its own
+    for instance in ("a", "b"):
+        merged = merge_results([part[instance] for part in parts])
+        assert merged == whole[instance] and list(merged["metrics"]) == list(whole[instance]["metrics"])
+        assert list(merged) == list(whole[instance])
+    assert whole["a"]["predictions"] and whole["a"]["example"] is not None
 
 
 def test_instances_file_is_read_beside_the_table_and_its_absence_says_what_to_run(tmp_path):
