@@ -33,6 +33,7 @@ from PIL import Image
 
 from personalization.contrastive.negatives import load_stock_negatives
 from personalization.contrastive.released import load_released_positives
+from personalization.contrastive.triplets import TripletError
 from personalization.errors import MissingInputError, UserError
 from personalization.schema import (
     IMAGE_SCHEMA,
@@ -187,7 +188,26 @@ def read_training_rows(
         category = instances[instance_id]["category"]
         parts.append(read_image_table(sources.negatives, columns=columns, category=category, role="negative", **only))
     synthetic = pa.concat_tables(parts) if parts else images.schema.empty_table()
-    return select_training_rows(images, synthetic, instance_id, train_cfg, instances, image_ids=image_ids)
+    rows = select_training_rows(images, synthetic, instance_id, train_cfg, instances, image_ids=image_ids)
+    if not rows.positive_ids and sources_used & {"dreambooth", "masked_dreambooth"}:
+        _check_threshold_kept_some(sources, instance_id)
+    return rows
+
+
+def _check_threshold_kept_some(sources: TrainingSources, instance_id: str) -> None:
+    """Raise, naming ``filter.threshold``, when the instance has generated positives but the threshold drops every
+    one of them (the generic "no synthetic positives" error would point at the wrong keys)."""
+    if sources.threshold is None or not sources.positives:
+        return
+    scores = read_image_table(sources.positives, columns=["score"], instance_id=instance_id)["score"]
+    if not len(scores):
+        return
+    best = pc.max(scores).as_py()
+    raise TripletError(
+        f"instance {instance_id}: filter.threshold={sources.threshold} rejects all {len(scores)} generated "
+        f"positives (their best DreamSim score is {best:.3f}); lower it, e.g. filter.threshold={best:.2f}, and "
+        "re-run: the scored images stay on disk, so only train runs again"
+    )
 
 
 def select_training_rows(

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,26 @@ def test_threshold_applied_at_read_time(tmp_path):
     write_image_table(rows, tmp_path / "t.parquet")
     kept = read_image_table(tmp_path / "t.parquet", min_score=0.6).column("image_id").to_pylist()
     assert sorted(kept) == ["1", "2", "3"]
+
+
+def test_a_threshold_that_rejects_every_generated_positive_is_named(tmp_path):
+    from personalization.config import TrainConfig
+    from personalization.contrastive.data import TrainingSources, read_training_rows
+    from personalization.contrastive.triplets import TripletError
+
+    image, _ = _scene(0, size=16)
+
+    def row(i, role, source, score=None):
+        return make_row(image_id=str(i), instance_id="a", category="mug", role=role, source=source, image=image,
+                        score=score)  # fmt: skip
+
+    write_image_table([row(0, "real_train", "real")], tmp_path / "images.parquet")
+    write_image_table([row(i, "positive", "dreambooth", s) for i, s in enumerate([0.31, 0.52], 1)], tmp_path / "pos")
+    train = TrainConfig(positive_sources=["dreambooth"], negatives="val")
+    instances = {"a": {"category": "mug", "split": "test"}}
+    sources = TrainingSources(real=tmp_path / "images.parquet", positives=[tmp_path / "pos"], threshold=0.6)
+    with pytest.raises(TripletError, match=r"filter.threshold=0.6 rejects all 2 generated positives .*best DreamSim "
+                                           r"score is 0.520.*filter.threshold=0.52"):  # fmt: skip
+        read_training_rows(sources, "a", train, instances)
+    sources = dataclasses.replace(sources, threshold=0.5)
+    assert read_training_rows(sources, "a", train, instances).positive_ids == ["2"]
