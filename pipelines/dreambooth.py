@@ -15,6 +15,7 @@ atomically. The photos travel in the train config (a few PNGs) and the class ima
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -26,7 +27,7 @@ import ray
 import torch
 
 from personalization import schema
-from personalization.artifacts import commit_stage, is_current
+from personalization.artifacts import commit_stage, hash_config, input_hash, is_current
 from personalization.config import ExperimentConfig
 from personalization.devices import pick_device
 from personalization.errors import MissingInputError
@@ -213,23 +214,37 @@ def run(cfg: ExperimentConfig) -> Path:
                 "photos": photos[instance_id],
                 "class_ref": class_refs.get(instances[instance_id]["category"]),
             }
+            name = run_name(instance_id, configs[instance_id], inputs)
             commit_stage(
                 outs[instance_id],
                 STAGE,
                 configs[instance_id],
-                lambda tmp: fit_instance(cfg, job, tmp, use_gpu),
+                lambda tmp: fit_instance(cfg, job, tmp, use_gpu, name=name),
                 inputs=inputs,
                 resolved_config=resolved(cfg),
             )
 
         failures = run_each(cfg, STAGE, todo, fit, per_run=worker_resources(cfg, use_gpu))
+    for scratch in (".work", ".ray"):  # gone once no run needs them (a failed run's checkpoints stay)
+        with contextlib.suppress(OSError):
+            stage_dir(cfg, STAGE, scratch).rmdir()
     if failures:
         raise InstanceFailures(STAGE, failures, finished=len(todo) - len(failures))
     return stage_dir(cfg, STAGE)
 
 
-def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool) -> None:
-    """One instance's DreamBooth as a one-worker Ray Train run; its folder lands in ``out_dir``."""
+def run_name(instance_id: str, config: dict, inputs: dict[str, Path]) -> str:
+    """The Ray Train run of an instance: its id and a hash of what it trains with, so a re-run after a failure
+    or Ctrl-C resumes from the run's last checkpoint, and a changed config or new photos start afresh."""
+    key = hash_config([config, {name: input_hash(path) for name, path in inputs.items()}])
+    return f"{instance_id}-{key[:12]}"
+
+
+def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool, *, name: str) -> None:
+    """One instance's DreamBooth as a one-worker Ray Train run ``name``; its folder lands in ``out_dir``.
+
+    The run's checkpoints (``OUT/dreambooth/.ray/<instance>/``) are removed once the folder is out, and kept when
+    the run fails or is interrupted, for the next run to resume from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # ~1 s: training only
     from ray.train.torch import TorchTrainer
 
@@ -251,7 +266,7 @@ def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool)
             num_workers=1, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg, use_gpu)
         ),
         run_config=RunConfig(
-            name=instance_id,
+            name=name,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cfg.dreambooth.max_failures),
@@ -266,7 +281,7 @@ def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool)
             shutil.move(entry, out_dir / entry.name)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-        shutil.rmtree(storage, ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

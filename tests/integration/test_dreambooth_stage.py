@@ -54,6 +54,7 @@ def test_dreambooth_stage_trains_each_instance_and_shares_class_images(tmp_path,
         tuned = load_personalized_pipeline(folder)
         assert not torch.equal(tuned.unet.conv_in.weight, base.unet.conv_in.weight)
         assert not (folder / "vae").exists()  # the frozen parts stay with the base model
+    assert not (out / "dreambooth" / ".ray").exists() and not (out / "dreambooth" / ".work").exists()
     created = read_manifest(out / "dreambooth" / "mug_1")["created"]
     dreambooth.run(cfg)  # finished: skipped
     assert read_manifest(out / "dreambooth" / "mug_1")["created"] == created
