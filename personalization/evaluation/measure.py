@@ -39,9 +39,9 @@ RETRIEVAL_NAMES = ("ndcg", "mrr", "top10")  # evaluate_retrieval's keys
 
 def split_tasks(tasks: Sequence[str]) -> list[tuple[str, ...]]:
     """``tasks`` as independent parts, the embedding tasks first (the larger part: every train and test image),
-    then the dense ones; empty parts left out."""
+    then the dense ones; empty parts left out (with no task asked, one empty part: every item still runs once)."""
     parts = [tuple(t for t in tasks if t in EMBED_TASKS), tuple(t for t in tasks if t in DENSE_TASKS)]
-    return [part for part in parts if part]
+    return [part for part in parts if part] or [()]
 
 
 def merge_results(parts: Sequence[dict]) -> dict:

@@ -209,6 +209,7 @@ def test_an_encoder_evaluated_in_parts_gives_exactly_the_whole_result(two_shards
     tasks = ("detection", "classification", "segmentation", "retrieval")
     assert split_tasks(tasks) == [("classification", "retrieval"), ("detection", "segmentation")]
     assert split_tasks(["retrieval"]) == [("retrieval",)]
+    assert split_tasks([]) == [()]
 
     def evaluate(part):
         inputs = EvaluationInputs(two_shards, sets, ["a", "b"], part, 3, min_object_pixels=1, streamed=tasks)
