@@ -58,18 +58,23 @@ def run_each(
 
     An exception in one instance's work is logged with its traceback and recorded; the others go on. The stage's
     ``failures.json`` is rewritten with this call's failures (removed when there are none). KeyboardInterrupt and
-    SystemExit are not instance failures: they stop the run.
+    SystemExit are not instance failures: they stop the run at once. Instances not started yet never start, and
+    this returns without waiting for the running ones: the caller's Ray shutdown ends their fits, whose
+    checkpoints stay for the next run to resume from (their errors are then not recorded as failures).
     """
     failures: dict[str, str] = {}
     parallel = concurrency(cfg, per_run, len(instance_ids))
     if parallel:
         log.info("%s: %d instance(s), %d at a time (%s per run)", stage, len(instance_ids), parallel, dict(per_run))
-    lock, done, started = threading.Lock(), [0], time.time()
+    lock, done, started, stopping = threading.Lock(), [0], time.time(), threading.Event()
 
     def one(instance_id: str) -> None:
         try:
             work(instance_id)
         except Exception as error:  # noqa: BLE001 - recorded per instance, re-raised below as InstanceFailures
+            if stopping.is_set():  # the run was interrupted: this fit was cut short, it did not fail
+                log.info("%s: %s stopped by the interrupt (%s)", stage, instance_id, describe(error))
+                return
             log.error("%s: %s failed:\n%s", stage, instance_id, traceback.format_exc())
             with lock:
                 failures[instance_id] = describe(error)
@@ -82,9 +87,15 @@ def run_each(
             )
 
     if parallel:
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"{stage}-instance") as pool:
+        pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"{stage}-instance")
+        try:
             for future in as_completed([pool.submit(one, i) for i in instance_ids]):
                 future.result()  # only KeyboardInterrupt / SystemExit get here
+        except BaseException:  # Ctrl-C (in this thread, or raised by a work): stop now, not when all are done
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     write_failures(cfg, stage, failures, selected=instance_ids)
     return failures
 

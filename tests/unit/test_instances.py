@@ -60,6 +60,31 @@ def test_interrupts_are_not_instance_failures(tmp_path):
         run_each(cfg, "train", ["mug_1", "mug_2"], work, per_run={"CPU": 1})
 
 
+def test_ctrl_c_returns_at_once_and_starts_nothing_more(tmp_path):
+    """A Ctrl-C while fits run: run_each raises at once, queued instances never start, and the running fit's
+    error (as when Ray shuts down under it) is not recorded as a failure."""
+    import signal
+
+    cfg = _cfg(tmp_path, ray={"max_concurrent": 1})
+    release, started = threading.Event(), []
+
+    def work(instance_id):
+        started.append(instance_id)
+        time.sleep(0.5)  # the driver is waiting on the running fits by then
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # the user's Ctrl-C
+        release.wait(30)
+        raise RuntimeError("the Train run died with the driver's Ray")
+
+    begun = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_each(cfg, "train", ["mug_1", "mug_2", "mug_3"], work, per_run={"CPU": 1})
+    assert time.monotonic() - begun < 10  # did not wait for the running fit (30 s)
+    release.set()
+    time.sleep(0.5)
+    assert started == ["mug_1"]
+    assert not (tmp_path / "out" / "train" / FAILURES).exists()
+
+
 def test_later_stages_leave_out_what_failed_upstream(tmp_path, caplog):
     cfg = _cfg(tmp_path, dreambooth={"enabled": True}, generate={"enabled": True})
     (tmp_path / "out" / "dreambooth").mkdir(parents=True)
