@@ -26,6 +26,8 @@ from personalization.config_layers import (
     parse_override,
     read_yaml,
     require,
+    require_path,
+    skipping_path_checks,
     to_dict,
 )
 from personalization.synthesis.generators import GENERATORS
@@ -99,7 +101,7 @@ class DataConfig:
         check_positive(self.max_side, "data.max_side", allow_zero=True)
         check_positive(self.max_pixels, "data.max_pixels")
         if self.root:
-            require(Path(self.root).exists(), "data.root", f"{self.root} does not exist; pass data.root=DIR")
+            require_path(self.root, Path.exists, "data.root", f"{self.root} does not exist; pass data.root=DIR")
 
     def require_root(self) -> Path:
         """``root``, for the commands that read the dataset (ingest; run and sweep before any work); the other
@@ -168,8 +170,9 @@ class CutpasteConfig:
         check_positive(self.image_size, "cutpaste.image_size")
         check_positive(self.num_backgrounds, "cutpaste.num_backgrounds")
         if self.backgrounds_dir:
-            require(
-                Path(self.backgrounds_dir).is_dir(),
+            require_path(
+                self.backgrounds_dir,
+                Path.is_dir,
                 "cutpaste.backgrounds_dir",
                 f"{self.backgrounds_dir} is not a folder; point it at background photos or leave it empty",
             )
@@ -305,8 +308,9 @@ class GenerateConfig:
         check_positive(self.gpus_per_actor, "generate.gpus_per_actor", allow_zero=True)
         check_gpu_choice(self.use_gpu, "generate.use_gpu")
         if self.prompts_file:
-            require(
-                Path(self.prompts_file).is_file(),
+            require_path(
+                self.prompts_file,
+                Path.is_file,
                 "generate.prompts_file",
                 f"{self.prompts_file} does not exist; give a JSON file or leave it empty",
             )
@@ -423,13 +427,14 @@ class TrainConfig:
         self._validate_source_weights()
         if self.negatives == "folder":
             require(
-                bool(self.negatives_dir) and Path(self.negatives_dir).is_dir(),
+                bool(self.negatives_dir),
                 "train.negatives_dir",
                 "negatives=folder needs train.negatives_dir=DIR holding category images",
             )
         if self.negatives_dir:
-            require(
-                Path(self.negatives_dir).is_dir(),
+            require_path(
+                self.negatives_dir,
+                Path.is_dir,
                 "train.negatives_dir",
                 f"{self.negatives_dir} is not a folder; point it at photos that do not show your object",
             )
@@ -448,8 +453,9 @@ class TrainConfig:
             "or clear train.positives_dir",
         )
         if self.positives_dir:
-            require(
-                Path(self.positives_dir).is_dir(),
+            require_path(
+                self.positives_dir,
+                Path.is_dir,
                 "train.positives_dir",
                 f"{self.positives_dir} is not a folder; point it at the released positives (<instance_id>/ inside)",
             )
@@ -528,8 +534,8 @@ class FindConfig:
         check_positive(self.batch_size, "find.batch_size")
         check_positive(self.num_actors, "find.num_actors", allow_zero=True)
         if self.gallery:
-            require(
-                Path(self.gallery).is_dir(), "find.gallery", f"{self.gallery} is not a folder; pass find.gallery=DIR"
+            require_path(
+                self.gallery, Path.is_dir, "find.gallery", f"{self.gallery} is not a folder; pass find.gallery=DIR"
             )
 
 
@@ -637,6 +643,14 @@ def build_config(*layers: dict) -> ExperimentConfig:
             check_not_renamed(key)
         merged = merge(merged, layer)
     return build_dataclass(ExperimentConfig, merged)
+
+
+def rebuild_config(*layers: dict) -> ExperimentConfig:
+    """The driver's checked config (:func:`to_dict`) made again in a Ray worker or Tune trial: every rule holds
+    but the existence of local files and folders, which the driver checked on its own node (data.root and the
+    like need not be visible from the node a worker runs on)."""
+    with skipping_path_checks():
+        return build_config(*layers)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -7,10 +7,14 @@ unknown keys with a close-match hint, builds nested sections, then calls ``valid
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -25,6 +29,26 @@ class ConfigError(UserError):
 def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+_CHECK_PATHS = contextvars.ContextVar("check_paths", default=True)
+
+
+def require_path(path: str, test: Callable[[Path], bool], key: str, message: str) -> None:
+    """A rule that a local file or folder exists (``test``: ``Path.is_dir``, ...). Checked where a config is made
+    from the user's input; skipped where a worker rebuilds the driver's checked config (:func:`skipping_path_checks`):
+    a worker on another node need not see the driver's dataset or folders."""
+    if _CHECK_PATHS.get():
+        require(test(Path(path)), key, message)
+
+
+@contextlib.contextmanager
+def skipping_path_checks() -> Iterator[None]:
+    token = _CHECK_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_PATHS.reset(token)
 
 
 def check_fraction(value: float, key: str) -> None:

@@ -34,7 +34,7 @@ import ray.util
 import torch
 
 from personalization.artifacts import commit_stage, hash_config, write_json_atomic
-from personalization.config import ExperimentConfig, build_config, replace, to_dict
+from personalization.config import ExperimentConfig, rebuild_config, replace, to_dict
 from personalization.contrastive.fit import build_lora_encoder, fit
 from personalization.errors import MissingInputError
 from personalization.evaluation.probe import ValidationProbe
@@ -97,8 +97,8 @@ def run_trial(params: dict, *, base: dict, probes: list[str], pool: list[str]) -
     """One Tune trial: the base config plus ``params`` (dotted keys), every probe trained on the shared outputs."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    base_cfg = build_config(base)
-    cfg = build_config(base, nest(params))
+    base_cfg = rebuild_config(base)
+    cfg = rebuild_config(base, nest(params))
     out = Path(base_cfg.output_dir).parent / "trials" / ray.tune.get_context().get_trial_id()
     link_upstream(out, trial_links(cfg, base_cfg, params))
     cfg = replace(cfg, output_dir=str(out))
@@ -163,7 +163,7 @@ def probe_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = build_config(loop_config["config"])
+    cfg = rebuild_config(loop_config["config"])
     probes, rank = loop_config["probes"], ray.train.get_context().get_world_rank()
     scorers = {p: ValidationProbe(loop_config["images"], p, to_dict(cfg.model), instances=probes) for p in probes}
     with tempfile.TemporaryDirectory() as work, restored_checkpoint() as restored:
@@ -251,7 +251,7 @@ def load_record(path: Path, loop_config: dict) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     probes = loop_config["probes"]
-    epochs = build_config(loop_config["config"]).train.epochs
+    epochs = rebuild_config(loop_config["config"]).train.epochs
     empty = {key: {p: [] for p in probes} for key in METRIC_KEYS}
     return {"probes": list(probes), "pool": list(loop_config["pool"]), "epochs": epochs, "distractors": {}, **empty}
 

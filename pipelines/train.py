@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from personalization.artifacts import commit_stage, is_current
-from personalization.config import ExperimentConfig, build_config, replace, to_dict
+from personalization.config import ExperimentConfig, rebuild_config, replace, to_dict
 from personalization.contrastive.data import TrainingSources
 from personalization.contrastive.fit import Report, TrainableModel, build_lora_encoder, fit
 from pipelines import common
@@ -148,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = build_config(loop_config["config"])  # the driver's whole config: its cross-section rules hold here too
+    cfg = rebuild_config(loop_config["config"])  # the driver's config: its rules hold here too (local paths aside)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -116,3 +116,23 @@ def test_shipped_configs_parse():
     assert configs, "configs/ ships at least configs/demo.yaml"
     for path in configs:
         load_config(path)
+
+
+def test_a_worker_rebuilds_the_drivers_config_without_seeing_its_folders(tmp_path):
+    """A Ray worker on another node rebuilds the driver's config: data.root and the other local folders need not
+    exist there, every other rule still holds."""
+    from personalization.config import rebuild_config
+
+    root, negatives = tmp_path / "data", tmp_path / "negatives"
+    root.mkdir(), negatives.mkdir()
+    train = {"negatives": "folder", "negatives_dir": str(negatives)}
+    values = to_dict(build_config({"data": {"root": str(root)}, "train": train}))
+    root.rmdir(), negatives.rmdir()  # as seen from a node without the driver's disks
+    with pytest.raises(ConfigError, match="data.root"):
+        build_config(values)
+    rebuilt = rebuild_config(values)
+    assert rebuilt.data.root == str(root) and rebuilt.train.negatives_dir == str(negatives)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        rebuild_config(values, {"train": {"epochs": 0}})
+    with pytest.raises(ConfigError, match="data.root"):  # the driver's own checks are back after it
+        build_config(values)
