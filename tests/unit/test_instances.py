@@ -76,8 +76,13 @@ def test_ctrl_c_returns_at_once_and_starts_nothing_more(tmp_path):
         raise RuntimeError("the Train run died with the driver's Ray")
 
     begun = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_each(cfg, "train", ["mug_1", "mug_2", "mug_3"], work, per_run={"CPU": 1})
+    # Python's own Ctrl-C handler, as in `personalize`: an earlier test's Ray Tune run leaves its own in the process
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_each(cfg, "train", ["mug_1", "mug_2", "mug_3"], work, per_run={"CPU": 1})
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert time.monotonic() - begun < 10  # did not wait for the running fit (30 s)
     release.set()
     time.sleep(0.5)
