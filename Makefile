@@ -59,16 +59,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check personalization pipelines tests benchmarks
 	$(BIN)/ruff format --check personalization pipelines tests benchmarks
 
+# The suite's own process gets the malloc settings a `personalize` Ray gives its processes (MALLOC_TUNABLES in
+# pipelines/local_ray.py; tests/unit/test_cluster_files.py checks the two agree): in-process training ~1.6x faster.
+TEST_ENV = RAY_AUTH_MODE=disabled GLIBC_TUNABLES=$${GLIBC_TUNABLES-$(MALLOC_TUNABLES)}
+MALLOC_TUNABLES = glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1
+
 test: $(STAMP) lint
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra --durations=15 -m "not paper" tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -ra --durations=15 -m "not paper" tests
 
 # Every config of configs/paper/ end to end on the tiny zoo (`make test` runs the base one only): ~20 minutes.
 test-paper: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra tests/e2e/test_paper_configs_run.py
+	$(TEST_ENV) $(BIN)/python -m pytest -q -ra tests/e2e/test_paper_configs_run.py
 
 # Day-to-day: the unit tests without the slow ones (no Ray; under 2 minutes). `make test` runs everything.
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -x -m "not slow" tests/unit
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests/unit
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

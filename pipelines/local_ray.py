@@ -11,6 +11,8 @@ dashboard agent), and anyone who reaches its Jobs API or GCS runs code as you. H
   it is imported, so it is set in the environment (for the Ray processes started here) and on the already imported
   constant of this process while ``ray.init`` runs.
 
+It also hands every process of that Ray glibc malloc settings for torch on CPU (:data:`MALLOC_TUNABLES`).
+
 Both use Ray 2.60 internals (``ray._raylet.Config``, the token loader, ``ray_constants``); the pin is exact and
 tests/reliability/test_ports.py checks what actually listens, so a Ray upgrade that changes them fails there.
 """
@@ -24,7 +26,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
-_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLIBC_TUNABLES")
+# glibc's malloc for torch on CPU: by default every tensor over 128 KiB-32 MiB is a fresh mmap, page-faulted in and
+# zeroed by the kernel on every use and unmapped on free, and a Ray worker's task thread gets its own arena, whose
+# large blocks are mmaps whatever the threshold. One arena, and blocks up to 1 GiB kept and reused: a MobileNetV2
+# LoRA step at 224 px (3 x 16 images) on one thread took 1.6 s instead of 2.9 s, 38% of it kernel time before
+# (benchmarks/RESULTS.md). Processes keep their peak memory instead of handing it back. glibc reads it at process
+# start, so it is set in the environment Ray's processes inherit; a GLIBC_TUNABLES already set (even empty) wins.
+# cluster/runtime_env.yaml sets the same for jobs on a cluster. Other C libraries (macOS, musl) ignore it.
+MALLOC_TUNABLES = (
+    "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1"
+)
 
 
 def _reload_auth_settings() -> None:
@@ -60,6 +72,7 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
     os.environ.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
     )
+    os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
     token_file = None
     try:
         _reload_auth_settings()

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from pipelines.local_ray import MALLOC_TUNABLES
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # same cores, spinning intra-op threads starve the threads they wait for (a unit test took 50-100 s instead of 15
 # under a load of 5 on 2 cores). Read by libgomp when torch loads, so it is set before any test imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The malloc settings a local `personalize` Ray gives its processes (pipelines/local_ray.py), for the suite's Ray and
+# the processes it starts too; the Makefile sets them for the pytest process itself (glibc reads them at start).
+os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
 
 
 def start_local_ray() -> None:

@@ -23,6 +23,7 @@ import requests
 
 from personalization.config import build_config, replace
 from pipelines.common import ray_session
+from pipelines.local_ray import MALLOC_TUNABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,9 +71,12 @@ def test_local_run_listens_on_loopback_only_and_its_jobs_api_needs_the_token(mon
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what `make test` and the suite's conftest set
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     cfg = replace(build_config(), **{"ray.num_cpus": 2})
     with ray_session(cfg):
-        assert ray.get(ray.remote(lambda: os.environ["RAY_AUTH_MODE"]).remote()) == "token"  # starts a worker
+        worker_env = ray.get(ray.remote(lambda: dict(os.environ)).remote())  # starts a worker
+        assert worker_env["RAY_AUTH_MODE"] == "token"
+        assert worker_env["GLIBC_TUNABLES"] == MALLOC_TUNABLES  # the run's malloc settings reach its workers
         node = ray._private.worker._global_node
         gcs_port = int(node.gcs_address.rsplit(":", 1)[1])
         dashboard = f"http://{node.webui_url}"
@@ -94,6 +98,7 @@ def test_local_run_listens_on_loopback_only_and_its_jobs_api_needs_the_token(mon
         right = {"Authorization": f"Bearer {token}"}
         assert requests.get(f"{dashboard}/api/jobs/", headers=right, timeout=10).status_code == 200
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ  # put back
+    assert "GLIBC_TUNABLES" not in os.environ
     assert not token_file.exists()
 
 

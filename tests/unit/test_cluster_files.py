@@ -18,6 +18,7 @@ from ray.runtime_env import RuntimeEnv
 
 from personalization.config import load_config
 from pipelines.cli import COMMANDS
+from pipelines.local_ray import MALLOC_TUNABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
@@ -88,11 +89,18 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
     assert all(isinstance(v, str) for v in env["env_vars"].values()), "env var values must be strings"
     assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
     assert env["env_vars"]["HF_HOME"].startswith("/mnt/shared")
+    assert env["env_vars"]["GLIBC_TUNABLES"] == MALLOC_TUNABLES  # the local run's malloc settings, on the cluster
     assert "working_dir" not in env  # given by --working-dir / personalize --address
     text = (CLUSTER / "runtime_env.yaml").read_text()
     assert "py_executable" in text and "pip:" in text  # both install options documented
     commands = personalize_commands(text)
     assert [w[0] for w in commands] == ["run", "run"]  # the `ray job submit` and `personalize --address` forms
+
+
+def test_the_makefile_gives_the_suite_the_runs_malloc_settings():
+    makefile = (CLUSTER.parent / "Makefile").read_text()
+    assert re.search(r"^MALLOC_TUNABLES = (.+)$", makefile, re.M)[1] == MALLOC_TUNABLES
+    assert "GLIBC_TUNABLES=$${GLIBC_TUNABLES-$(MALLOC_TUNABLES)}" in makefile
 
 
 def test_cluster_launcher_yaml():
@@ -150,6 +158,7 @@ def test_kuberay_rayjob_entrypoint_is_a_valid_personalize_command(tmp_path):
     check_command(words[1:], tmp_path)
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env.pop("working_dir") == "/home/ray/personalization"  # the checkout inside the image
+    assert runtime_env["env_vars"]["GLIBC_TUNABLES"] == MALLOC_TUNABLES
     RuntimeEnv(**runtime_env)
     check_ray_cluster_spec(job["spec"]["rayClusterSpec"])
 
