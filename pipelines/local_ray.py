@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
-_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLIBC_TUNABLES")
+_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+_SET_IF_UNSET = ("GLIBC_TUNABLES",)
 # glibc's malloc for torch on CPU: by default every tensor over 128 KiB-32 MiB is a fresh mmap, page-faulted in and
 # zeroed by the kernel on every use and unmapped on free, and a Ray worker's task thread gets its own arena, whose
 # large blocks are mmaps whatever the threshold. One arena, and blocks up to 1 GiB kept and reused: a MobileNetV2
@@ -67,7 +68,7 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
     import ray  # imported here, not above: pipelines.common imports this module, and light commands import it
     from ray._private import ray_constants
 
-    saved = {name: os.environ.get(name) for name in _VARS}
+    saved = {name: os.environ.get(name) for name in _VARS + _SET_IF_UNSET}
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
