@@ -102,7 +102,8 @@ def train_floor(cfg, steps: int) -> tuple[float, float]:
     import torch
     from PIL import Image
 
-    from personalization.contrastive import TorchStepper, build_loss, train_step
+    from personalization.contrastive.losses import build_loss
+    from personalization.contrastive.step import TorchStepper, train_step
     from pipelines.train import build_lora_encoder
 
     torch.manual_seed(cfg.seed)

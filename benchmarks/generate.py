@@ -125,7 +125,7 @@ def measure(
 
     from personalization.config import build_config
     from personalization.filtering.scorer import Scorer
-    from personalization.synthesis.sampler import make_generation_rows
+    from personalization.synthesis.generation_rows import make_generation_rows
     from personalization.zoo import build_zoo
     from pipelines.common import scorer_kwargs
     from pipelines.generation import run_generation

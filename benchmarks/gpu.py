@@ -99,7 +99,8 @@ def measure_vit_training(batch: int = 16, iters: int = 10) -> tuple[float, float
     from transformers import Dinov2Config, Dinov2Model
 
     from personalization.config import ModelConfig, TrainConfig
-    from personalization.contrastive import TorchStepper, build_loss, train_step
+    from personalization.contrastive.losses import build_loss
+    from personalization.contrastive.step import TorchStepper, train_step
     from personalization.models import BACKBONES, apply_lora
     from personalization.models.encoder import Encoder
 

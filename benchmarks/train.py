@@ -25,13 +25,10 @@ def plain_loop(cfg) -> tuple[int, float]:
     Returns (samples, loop seconds)."""
     import torch
 
-    from personalization.contrastive import (
-        TorchStepper,
-        TripletDataset,
-        build_loss,
-        sample_triplets,
-        train_step,
-    )
+    from personalization.contrastive.data import TripletDataset
+    from personalization.contrastive.losses import build_loss
+    from personalization.contrastive.step import TorchStepper, train_step
+    from personalization.contrastive.triplets import sample_triplets
     from pipelines.common import load_instances, resolve_negatives
     from pipelines.train import build_lora_encoder
     from pipelines.training import instance_rows, stage_inputs

@@ -26,10 +26,10 @@ from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest, write_json_atomic
 from personalization.config import ExperimentConfig
 from personalization.synthesis.backgrounds import write_background_prompts_with_llm
+from personalization.synthesis.generation_rows import check_generator, make_generation_rows
 from personalization.synthesis.generators import find_generator
 from personalization.synthesis.llm import endpoint_from_env
 from personalization.synthesis.prompts import make_background_prompts
-from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines.common import ray_session, resolved, stage_dir
 from pipelines.generation import run_generation
 

@@ -28,11 +28,11 @@ from personalization import schema
 from personalization.artifacts import commit_stage, is_current, read_manifest
 from personalization.config import ExperimentConfig
 from personalization.errors import MissingInputError
+from personalization.synthesis.generation_rows import check_generator, make_generation_rows
 from personalization.synthesis.generators import find_generator
 from personalization.synthesis.llm import endpoint_from_env
 from personalization.synthesis.prompts import build_prompts, load_prompts
 from personalization.synthesis.prompts_llm import PROMPTS_FILE, llm_prompts
-from personalization.synthesis.sampler import check_generator, make_generation_rows
 from pipelines import common
 from pipelines.common import ray_session, resolved, scorer_kwargs, stage_dir, stage_main
 from pipelines.generation import run_generation

@@ -11,7 +11,8 @@ dashboard agent), and anyone who reaches its Jobs API or GCS runs code as you. H
   it is imported, so it is set in the environment (for the Ray processes started here) and on the already imported
   constant of this process while ``ray.init`` runs.
 
-It also hands every process of that Ray glibc malloc settings for torch on CPU (:data:`MALLOC_TUNABLES`).
+It also hands every process of that Ray glibc malloc settings for torch on CPU (:data:`MALLOC_TUNABLES`), and turns
+off Ray Train's preemption watcher, which has nothing to watch on one machine.
 
 Both use Ray 2.60 internals (``ray._raylet.Config``, the token loader, ``ray_constants``); the pin is exact and
 tests/reliability/test_ports.py checks what actually listens, so a Ray upgrade that changes them fails there.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 _VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-_SET_IF_UNSET = ("GLIBC_TUNABLES",)
+_SET_IF_UNSET = ("GLIBC_TUNABLES", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 # glibc's malloc for torch on CPU: by default every tensor over 128 KiB-32 MiB is a fresh mmap, page-faulted in and
 # zeroed by the kernel on every use and unmapped on free, and a Ray worker's task thread gets its own arena, whose
 # large blocks are mmaps whatever the threshold. One arena, and blocks up to 1 GiB kept and reused: a MobileNetV2
@@ -74,6 +75,9 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
     )
     os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    # Ray Train's preemption watcher (one more actor process per training run, ~3 s of CPU to start) watches for
+    # an autoscaler draining a node, which a one-machine Ray never does.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     token_file = None
     try:
         _reload_auth_settings()

@@ -20,14 +20,15 @@ import pyarrow.parquet as pq
 
 from personalization.artifacts import hash_config, input_hash, read_manifest
 from personalization.config import ExperimentConfig, to_dict
-from personalization.contrastive import TripletDataset, sample_triplets
 from personalization.contrastive.data import (
     ID_COLUMNS,
     TrainingRows,
     TrainingSources,
+    TripletDataset,
     read_training_rows,
     val_negative_instances,
 )
+from personalization.contrastive.triplets import sample_triplets
 from pipelines.common import stage_dir
 from pipelines.instances import worker_resources
 

@@ -1,32 +1,8 @@
-"""Contrastive fine-tuning: triplet sampling (ids), the training data, losses, and the plain-PyTorch step."""
+"""Contrastive fine-tuning: triplet sampling from ids (``triplets``), the training data (``data``), negatives and
+released positives (``negatives``, ``released``), losses (``losses``), the plain-PyTorch step (``step``) and loop
+(``fit``).
 
-from personalization.contrastive.data import TrainingRows, TripletDataset, load_negatives_folder, select_training_rows
-from personalization.contrastive.losses import (
-    LOSSES,
-    build_loss,
-    cross_entropy,
-    hinge,
-    info_nce,
-    multi_positive_info_nce,
-)
-from personalization.contrastive.step import DeepSpeedStepper, Stepper, TorchStepper, train_step
-from personalization.contrastive.triplets import TripletError, sample_triplets
-
-__all__ = [
-    "LOSSES",
-    "DeepSpeedStepper",
-    "Stepper",
-    "TorchStepper",
-    "TrainingRows",
-    "TripletDataset",
-    "TripletError",
-    "build_loss",
-    "cross_entropy",
-    "hinge",
-    "info_nce",
-    "load_negatives_folder",
-    "multi_positive_info_nce",
-    "sample_triplets",
-    "select_training_rows",
-    "train_step",
-]
+Import from the modules: the package itself imports nothing, so a process that needs only the id-level code (the
+driver's negatives and released-positives checks in pipelines/common.py, which every Ray task worker of
+``pipelines`` imports) does not load torch (~2 s of CPU per worker process).
+"""

@@ -429,10 +429,6 @@ def save_dreambooth(
     return out_dir
 
 
-def is_personalized_folder(path: str | Path) -> bool:
-    return (Path(path) / PERSONALIZED_FILE).is_file()
-
-
 def load_personalized_pipeline(
     folder: str | Path, dtype: torch.dtype = torch.float32, spec: GeneratorSpec | None = None, **kwargs
 ):

@@ -27,6 +27,11 @@ DEFAULT_GENERATOR = "sd15"  # for a hub id that is not in the local Hugging Face
 PERSONALIZED_FILE = "personalized_generator.json"  # a full-mode DreamBooth output: {base_model, components, dtype}
 
 
+def is_personalized_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a full-mode DreamBooth output (its base model and trained components)."""
+    return (Path(path) / PERSONALIZED_FILE).is_file()
+
+
 class GeneratorError(UserError):
     """An unknown generator name, or a base model no registered generator matches; the message says the fix."""
 

@@ -10,7 +10,7 @@ from personalization.artifacts import read_manifest
 from personalization.config import build_config
 from personalization.schema import make_image_id, read_image_table
 from personalization.synthesis.dreambooth import train_dreambooth
-from personalization.synthesis.sampler import SamplerError, generator_key
+from personalization.synthesis.generation_rows import SamplerError, generator_key
 from personalization.zoo.diffusion import build_stable_diffusion
 from pipelines import generate
 

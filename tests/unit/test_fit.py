@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from personalization.config import build_config
-from personalization.contrastive import TripletDataset
+from personalization.contrastive.data import TripletDataset
 from personalization.contrastive.fit import build_lora_encoder, fit, weights_hash
 from personalization.schema import make_image_id, make_row, write_image_table
 

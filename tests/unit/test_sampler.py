@@ -8,13 +8,8 @@ from PIL import Image
 
 from personalization.schema import make_image_id, rows_to_table
 from personalization.synthesis.dreambooth import train_dreambooth
-from personalization.synthesis.sampler import (
-    ImageSampler,
-    SamplerError,
-    check_generator,
-    image_id_for,
-    make_generation_rows,
-)
+from personalization.synthesis.generation_rows import SamplerError, check_generator, image_id_for, make_generation_rows
+from personalization.synthesis.sampler import ImageSampler
 from personalization.zoo.diffusion import build_stable_diffusion
 
 SIZE = 32
