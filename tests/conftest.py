@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The malloc settings a local `personalize` Ray gives its processes (pipelines/local_ray.py), for the suite's Ray and
 # the processes it starts too; the Makefile sets them for the pytest process itself (glibc reads them at start).
 os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as a local `personalize` Ray sets it
 
 
 def start_local_ray() -> None:
