@@ -62,6 +62,9 @@ fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# glibc malloc settings for torch on CPU, inherited by every Ray process (pipelines/local_ray.py MALLOC_TUNABLES says
+# why); one already set, even empty, is kept.
+export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1}"
 TOKEN_HOW=""
 if [[ "$RAY_AUTH_MODE" == "token" ]]; then
   if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then

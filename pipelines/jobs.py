@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 import requests
 import yaml
 
+from pipelines.local_ray import MALLOC_TUNABLES
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 START_HINT = "start a local head with `cluster/local_head.sh start`, or check the address (ray status on the head)"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this checkout: the folder holding pyproject.toml
@@ -140,7 +142,9 @@ def connect(address: str, token: str | None = None, insecure: bool = False):
 
 
 def load_runtime_env(path: str | Path | None, working_dir: str | Path | None) -> dict:
-    """The runtime env YAML (or {}) with ``working_dir`` set to an absolute local folder (uploaded by the SDK)."""
+    """The runtime env YAML (or {}) with ``working_dir`` set to an absolute local folder (uploaded by the SDK), and
+    the malloc settings a local run gives its processes (``GLIBC_TUNABLES``, :data:`MALLOC_TUNABLES`) unless the
+    YAML's ``env_vars`` set their own."""
     env: dict = {}
     if path:
         path = Path(path)
@@ -149,6 +153,9 @@ def load_runtime_env(path: str | Path | None, working_dir: str | Path | None) ->
         env = yaml.safe_load(path.read_text()) or {}
         if not isinstance(env, dict):
             raise ClusterError(f"{path}: a runtime env must be a mapping (env_vars, excludes, pip, ...)")
+    if not isinstance(env.setdefault("env_vars", {}), dict):
+        raise ClusterError(f"{path}: env_vars must be a mapping of names to strings")
+    env["env_vars"].setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
     if working_dir is not None:
         folder = Path(working_dir).resolve()
         if folder == PROJECT_ROOT and not (folder / "pyproject.toml").is_file():

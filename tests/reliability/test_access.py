@@ -143,6 +143,19 @@ def test_working_dir_defaults_to_the_checkout_not_the_current_folder(tmp_path, m
     assert jobs.load_runtime_env(None, ".")["working_dir"] == str(tmp_path)  # an explicit folder is kept
 
 
+def test_jobs_get_the_local_runs_malloc_settings_unless_their_runtime_env_sets_its_own(tmp_path):
+    from pipelines import jobs
+    from pipelines.local_ray import MALLOC_TUNABLES
+
+    assert jobs.load_runtime_env(None, None) == {"env_vars": {"GLIBC_TUNABLES": MALLOC_TUNABLES}}
+    own = tmp_path / "env.yaml"
+    own.write_text("env_vars:\n  GLIBC_TUNABLES: ''\n  HF_HOME: /mnt/hf\n")
+    assert jobs.load_runtime_env(own, None)["env_vars"] == {"GLIBC_TUNABLES": "", "HF_HOME": "/mnt/hf"}
+    own.write_text("env_vars: [HF_HOME]\n")
+    with pytest.raises(jobs.ClusterError, match="env_vars must be a mapping"):
+        jobs.load_runtime_env(own, None)
+
+
 def test_working_dir_default_without_a_checkout_asks_for_one(tmp_path, monkeypatch):
     """Installed from a wheel, pipelines/.. holds no pyproject.toml: say so rather than upload site-packages."""
     from pipelines import jobs

@@ -170,5 +170,6 @@ def test_local_head_script_stops_only_what_it_started():
     assert "ray stop" not in code and "pkill" not in code and "killall" not in code
     assert "--dashboard-host 127.0.0.1" in code and "--temp-dir" in code
     assert 'RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"' in code  # closed by default (tests/reliability/test_ports.py)
+    assert f'GLIBC_TUNABLES="${{GLIBC_TUNABLES-{MALLOC_TUNABLES}}}"' in code  # the local run's malloc settings
     usage = subprocess.run([str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "start|stop|status" in usage.stderr
