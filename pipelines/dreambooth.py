@@ -27,7 +27,7 @@ import ray
 import torch
 
 from personalization import schema
-from personalization.artifacts import commit_stage, hash_config, input_hash, is_current
+from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig
 from personalization.devices import pick_device
 from personalization.errors import MissingInputError
@@ -41,7 +41,7 @@ from personalization.synthesis.dreambooth import (
 from personalization.synthesis.generators import AUTO, find_generator
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
-from pipelines.instances import run_each, worker_resources, write_failures
+from pipelines.instances import run_each, run_name, worker_resources, write_failures
 from pipelines.resources import wants_gpu, without_placement
 
 STAGE = "dreambooth"
@@ -231,13 +231,6 @@ def run(cfg: ExperimentConfig) -> Path:
     if failures:
         raise InstanceFailures(STAGE, failures, finished=len(todo) - len(failures))
     return stage_dir(cfg, STAGE)
-
-
-def run_name(instance_id: str, config: dict, inputs: dict[str, Path]) -> str:
-    """The Ray Train run of an instance: its id and a hash of what it trains with, so a re-run after a failure
-    or Ctrl-C resumes from the run's last checkpoint, and a changed config or new photos start afresh."""
-    key = hash_config([config, {name: input_hash(path) for name, path in inputs.items()}])
-    return f"{instance_id}-{key[:12]}"
 
 
 def fit_instance(cfg: ExperimentConfig, job: dict, out_dir: Path, use_gpu: bool, *, name: str) -> None:

@@ -17,8 +17,9 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
-from personalization.artifacts import write_json_atomic
+from personalization.artifacts import hash_config, input_hash, write_json_atomic
 from personalization.config import ExperimentConfig
 from pipelines.common import stage_dir
 from pipelines.resources import cluster_capacity
@@ -151,3 +152,11 @@ def without_failed(cfg: ExperimentConfig, stage: str, instance_ids: Sequence[str
     if instance_ids and not kept:
         raise RuntimeError(f"every selected instance failed upstream: {failed}; see the stages' {FAILURES}")
     return kept
+
+
+def run_name(instance_id: str, config, inputs: Mapping[str, Path]) -> str:
+    """An instance's Ray Train run: its id and a hash of what it trains with (``config``, and the content of its
+    ``inputs`` folders), so a re-run after a failure or Ctrl-C resumes the run's last checkpoint, and a changed
+    config or new inputs start afresh. DreamBooth and train name their runs so."""
+    key = hash_config([config, {name: input_hash(path) for name, path in inputs.items()}])
+    return f"{instance_id}-{key[:12]}"

@@ -30,6 +30,7 @@ from personalization.contrastive.data import (
 )
 from personalization.contrastive.triplets import sample_triplets
 from pipelines.common import stage_dir
+from pipelines.instances import run_name as instance_run_name
 from pipelines.instances import worker_resources
 
 log = logging.getLogger("personalize.train")
@@ -134,10 +135,10 @@ def plan_triplets(
 
 
 def run_name(cfg: ExperimentConfig, instance_id: str, inputs: dict[str, Path]) -> str:
+    """:func:`pipelines.instances.run_name` of what shapes the run, its length (``_LENGTH_KEYS``) aside."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _LENGTH_KEYS}
-    key = hash_config({"model": cfg.model, "train": train, "seed": cfg.seed, "inputs": sorted(inputs.items())})
-    key = hash_config([key, {name: input_hash(path) for name, path in inputs.items()}])
-    return f"{instance_id}-{key[:12]}"
+    shape = hash_config({"model": cfg.model, "train": train, "seed": cfg.seed, "inputs": sorted(inputs.items())})
+    return instance_run_name(instance_id, shape, inputs)
 
 
 def write_run_inputs(data_dir: Path, rows: TrainingRows, triplets: Sequence[tuple]) -> Path:
