@@ -28,7 +28,6 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 _VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-_SET_IF_UNSET = ("GLIBC_TUNABLES", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 # glibc's malloc for torch on CPU: by default every tensor over 128 KiB-32 MiB is a fresh mmap, page-faulted in and
 # zeroed by the kernel on every use and unmapped on free, and a Ray worker's task thread gets its own arena, whose
 # large blocks are mmaps whatever the threshold. One arena, and blocks up to 1 GiB kept and reused: a MobileNetV2
@@ -39,6 +38,10 @@ _SET_IF_UNSET = ("GLIBC_TUNABLES", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 MALLOC_TUNABLES = (
     "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1"
 )
+# The environment a local Ray's processes get unless the caller set these already (even empty). Ray Train's
+# preemption watcher (one more actor process per training run, ~3 s of CPU to start) watches for an autoscaler
+# draining a node, which a one-machine Ray never does.
+PROCESS_DEFAULTS = {"GLIBC_TUNABLES": MALLOC_TUNABLES, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def _reload_auth_settings() -> None:
@@ -69,15 +72,13 @@ def closed_local_ray(**init_kwargs) -> Iterator[tuple]:
     import ray  # imported here, not above: pipelines.common imports this module, and light commands import it
     from ray._private import ray_constants
 
-    saved = {name: os.environ.get(name) for name in _VARS + _SET_IF_UNSET}
+    saved = {name: os.environ.get(name) for name in (*_VARS, *PROCESS_DEFAULTS)}
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
     )
-    os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
-    # Ray Train's preemption watcher (one more actor process per training run, ~3 s of CPU to start) watches for
-    # an autoscaler draining a node, which a one-machine Ray never does.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for name, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     token_file = None
     try:
         _reload_auth_settings()

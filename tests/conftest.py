@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipelines.local_ray import MALLOC_TUNABLES
+from pipelines.local_ray import PROCESS_DEFAULTS
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -12,10 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # same cores, spinning intra-op threads starve the threads they wait for (a unit test took 50-100 s instead of 15
 # under a load of 5 on 2 cores). Read by libgomp when torch loads, so it is set before any test imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# The malloc settings a local `personalize` Ray gives its processes (pipelines/local_ray.py), for the suite's Ray and
-# the processes it starts too; the Makefile sets them for the pytest process itself (glibc reads them at start).
-os.environ.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as a local `personalize` Ray sets it
+# What a local `personalize` Ray gives its processes (pipelines/local_ray.py: malloc settings, no preemption
+# watcher), for the suite's Ray and the processes it starts too; the Makefile sets GLIBC_TUNABLES for the pytest
+# process itself (glibc reads it at start).
+for name, value in PROCESS_DEFAULTS.items():
+    os.environ.setdefault(name, value)
 
 
 def start_local_ray() -> None:
