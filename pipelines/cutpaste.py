@@ -43,7 +43,7 @@ from pipelines.cutpaste_backgrounds import (
 
 STAGE = "cutpaste"
 PROCEDURAL_BACKGROUNDS = 64  # scenes in the procedural set (cutpaste.backgrounds=procedural)
-BATCH_SIZE = 8  # composites per Ray task call
+BATCH_SIZE = 32  # composites per Ray task call (8 -> 32: the cold stage 8.4 -> 7.0 s on the demo, 2 CPUs)
 log = logging.getLogger(f"personalize.{STAGE}")
 
 
@@ -223,6 +223,9 @@ def _composite_stream(cfg: ExperimentConfig, todo: list[str], n: int, real: pa.T
             "options": composite_options(cfg.cutpaste),
         },
     )
+    # One operator and nothing downstream to reserve for: Ray Data's per-operator reservation (half the cluster)
+    # held it to one task at a time on 2 CPUs (the stage 11.0 -> 8.4 s cold, 7.2 -> 5.1 s warm on the demo).
+    dataset.context.op_resource_reservation_enabled = False
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield schema.validate_table(batch, where="cutpaste batch")
 

@@ -40,8 +40,13 @@ MALLOC_TUNABLES = (
 )
 # The environment a local Ray's processes get unless the caller set these already (even empty). Ray Train's
 # preemption watcher (one more actor process per training run, ~3 s of CPU to start) watches for an autoscaler
-# draining a node, which a one-machine Ray never does.
-PROCESS_DEFAULTS = {"GLIBC_TUNABLES": MALLOC_TUNABLES, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# draining a node, which a one-machine Ray never does. Its controller polls the workers every 2 s by default, so a
+# run that has finished waits a second on average before it returns; every 0.5 s costs a few ms of CPU.
+PROCESS_DEFAULTS = {
+    "GLIBC_TUNABLES": MALLOC_TUNABLES,
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 def _reload_auth_settings() -> None:

@@ -168,9 +168,8 @@ def make_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict, *, na
     """A ``TorchTrainer`` running ``loop(loop_config)`` on ``train.num_workers`` workers (a CPU each, or a GPU share),
     its state in ``storage/name`` (a re-run of the same name resumes it), the last two checkpoints kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    return TorchTrainer(
+    return _trainer_class()(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -186,6 +185,23 @@ def make_trainer(cfg: ExperimentConfig, loop: Callable, loop_config: dict, *, na
             callbacks=list(callbacks),
         ),
     )
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer`` less the ``DatasetManager`` actor Ray Train starts for every run, datasets or not: a
+    process (~2-3 s of CPU to start on a 2-core machine, per training run) our runs never use, since the workers
+    read their triplets from Parquet themselves. Only a run without ``datasets`` drops it. Ray Train offers no
+    public switch, so this filters its private default callbacks (Ray is pinned; tests/integration/test_train.py
+    fails if a Ray upgrade renames them)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ from personalization.schema import make_image_id, make_row
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_IMAGES = 50  # show a progress bar from this many images on
+READ_THREADS = 8  # photos read at once, at most one per core
 
 
 def load_entry(entry: ImageEntry, max_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
@@ -71,11 +75,24 @@ def iter_rows(
         log.info("%d photo(s) in %s have no mask in masks/; ingest derives one for each", unmasked, scan.root)
     elif unmasked:
         log.warning("%d train photo(s) in %s have no mask; stages that need masks will skip them", unmasked, scan.root)
-    for entry in tqdm(scan.entries, desc=f"reading {scan.root.name}", unit="img", disable=not show):
-        try:
-            yield load_entry(entry, max_side, max_pixels)
-        except DatasetError as error:
-            errors.add(str(error))
+    # Decoding, resizing and re-encoding release the GIL: a few threads read that many photos at once (420 toy
+    # photos: 3.7 s on one thread, 1.9 s on two cores). Rows come out in the scan's order, at most `window` ahead.
+    threads = max(1, min(READ_THREADS, len(os.sched_getaffinity(0))))
+    window: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
+        for entry in tqdm(scan.entries, desc=f"reading {scan.root.name}", unit="img", disable=not show):
+            window.append(pool.submit(load_entry, entry, max_side, max_pixels))
+            if len(window) > 2 * threads:
+                yield from _done(window.popleft(), errors)
+        while window:
+            yield from _done(window.popleft(), errors)
+
+
+def _done(future: Future, errors: ErrorLog) -> Iterator[dict]:
+    try:
+        yield future.result()
+    except DatasetError as error:
+        errors.add(str(error))
 
 
 def read_dataset(

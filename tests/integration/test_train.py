@@ -91,7 +91,13 @@ def _cfg(out, **train_overrides):
 
 
 def test_two_worker_ddp_trains_identical_replicas(ray_local, upstream):
+    before = set(ray_local._private.state.actors())
     out = train.run(_cfg(upstream), build_model=build_tiny)
+    # The run's actors: Ray Train's own, less the DatasetManager it starts for Ray Datasets, which the workers
+    # never use (training._trainer_class; a Ray upgrade that renames its callbacks fails here).
+    started = [a["ActorClassName"] for key, a in ray_local._private.state.actors().items() if key not in before]
+    assert "DatasetManager" not in started
+    assert {"TrainController", "RayTrainWorker", "SynchronizationActor", "PlacementGroupCleaner"} <= set(started)
     folder = out / "mug_1"
     metrics = json.loads((folder / "metrics.json").read_text())
     steps = 32 // 8  # global batch 8 = 2 workers x 4
