@@ -70,8 +70,11 @@ class SearchSpace:
     scheduler: str = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs fit
-    cpus_per_trial: float = 0.1  # the trial driver only waits on its TorchTrainer: a fraction keeps CPUs free
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster fits (each trial's Train workers, and its own CPUs)
+    # CPUs a trial's own process holds. It only waits on its TorchTrainer, so by default none (it reserves
+    # TRIAL_MEMORY of Ray's memory resource instead): two one-worker trials then fit on 2 CPUs, where 0.1 left one
+    # CPU idle through a whole sweep.
+    cpus_per_trial: float = 0.0
     time_budget_s: float = 0.0  # 0 = no limit
     val_objects: int = 3  # val objects each trial trains and scores (personalization/val_probes.py); capped
     source: str = ""
@@ -180,7 +183,7 @@ def parse_space(data: dict, base: ExperimentConfig, source: str = "space") -> Se
         "grace_period": space.grace_period >= 1,
         "reduction_factor": space.reduction_factor >= 2,
         "max_concurrent_trials": space.max_concurrent_trials >= 0,
-        "cpus_per_trial": 0 < space.cpus_per_trial <= 64,
+        "cpus_per_trial": 0 <= space.cpus_per_trial <= 64,
         "time_budget_s": space.time_budget_s >= 0,
         "val_objects": space.val_objects >= 2,
     }
@@ -188,7 +191,7 @@ def parse_space(data: dict, base: ExperimentConfig, source: str = "space") -> Se
     if bad:
         raise ConfigError(
             f"{source}: option {bad[0]}={getattr(space, bad[0])!r} is invalid (metric: {list(METRICS)}, mode: max|min, "
-            "scheduler: asha|fifo, counts >= 1, reduction_factor >= 2, val_objects >= 2)"
+            "scheduler: asha|fifo, counts >= 1, reduction_factor >= 2, val_objects >= 2, 0 <= cpus_per_trial <= 64)"
         )
     return space
 

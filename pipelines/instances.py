@@ -42,9 +42,15 @@ def concurrency(cfg: ExperimentConfig, per_run: Mapping[str, float], pending: in
         return 0
     if cfg.ray.max_concurrent:
         return min(cfg.ray.max_concurrent, pending)
+    return min(runs_that_fit(per_run), pending)
+
+
+def runs_that_fit(per_run: Mapping[str, float]) -> int:
+    """How many runs needing ``per_run`` each the cluster holds side by side (at least one), counting the nodes
+    its autoscaler can add."""
     total = cluster_capacity()
     fits = [math.floor(total.get(key, 0.0) / need + 1e-9) for key, need in per_run.items() if need > 0]
-    return max(1, min([*fits, pending]))
+    return max(1, min(fits, default=1))
 
 
 def run_each(

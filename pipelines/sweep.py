@@ -57,10 +57,13 @@ from personalization.sweeps import (
 from personalization.val_probes import ValPartition, hide_probes, partition_val
 from pipelines import common
 from pipelines.common import check_before_start, dataset_instances, ray_session, resolve_negatives, stage_dir
+from pipelines.instances import runs_that_fit, worker_resources
+from pipelines.resources import wants_gpu
 from pipelines.stages import BY_NAME
 from pipelines.sweep_trial import PROBE_INGEST, RECORD, generate_key, is_complete, link_upstream, run_trial
 
 STAGE = "sweep"
+TRIAL_MEMORY = 512 * 2**20  # Ray's memory resource a trial's process reserves when it holds no CPU
 log = logging.getLogger(f"personalize.{STAGE}")
 # The stages a sweep runs once, into OUT/sweep/shared, before its trials (each run through the stage table).
 _UPSTREAM = ("ingest", "cutpaste", "dreambooth", "generate")
@@ -188,6 +191,20 @@ def max_epochs(space: SearchSpace, base: ExperimentConfig) -> int:
     return int(max(epochs.candidates())) if epochs is not None else base.train.epochs
 
 
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What a trial's own process holds (its Train workers ask for theirs): ``cpus_per_trial`` CPUs, or with 0
+    Ray's memory resource only, since Tune needs a trial to reserve something."""
+    return {"cpu": space.cpus_per_trial} if space.cpus_per_trial else {"memory": TRIAL_MEMORY}
+
+
+def trial_needs(space: SearchSpace, base: ExperimentConfig) -> dict[str, float]:
+    """One trial's process and its Train workers (a CPU each, or their GPU share), per Ray resource."""
+    workers = worker_resources(base, wants_gpu(base, "train"))
+    needs = {key: amount * base.train.num_workers for key, amount in workers.items()}
+    needs["CPU"] = needs.get("CPU", 0.0) + space.cpus_per_trial
+    return needs
+
+
 def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir: Path, stop=None):
     # One report per epoch; ASHA counts the reports' epochs (a restarted trial does not report its done epochs
     # again). It stops any trial at max_t; one past the last epoch lets a finished trial return normally (and
@@ -200,10 +217,8 @@ def build_tuner(space: SearchSpace, trainable, base: ExperimentConfig, sweep_dir
         )
     else:
         scheduler = FIFOScheduler()
-    concurrent = space.max_concurrent_trials
-    if not concurrent:  # each trial holds its fraction plus one CPU per Train worker; more would only queue
-        per_trial = space.cpus_per_trial + base.train.num_workers
-        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    # By default as many trials as the cluster holds side by side (counting autoscaler nodes): more would queue.
+    concurrent = space.max_concurrent_trials or runs_that_fit(trial_needs(space, base))
     return tune.Tuner(
         trainable,
         param_space={key: _tune_domain(domain) for key, domain in space.domains.items()},
@@ -269,7 +284,7 @@ def run(cfg: ExperimentConfig, space_path: str | Path, *, stop=None) -> Path:
         base, split = prepare_shared(cfg, space, sweep_dir)
         fingerprint = _fingerprint(space, base)
         trial = tune.with_parameters(run_trial, base=to_dict(base), probes=list(split.probes), pool=list(split.pool))
-        trainable = tune.with_resources(trial, {"cpu": space.cpus_per_trial})
+        trainable = tune.with_resources(trial, trial_resources(space))
         tune_dir, state = sweep_dir / "tune", sweep_dir / "sweep.json"
         if tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
             recorded = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None

@@ -12,6 +12,7 @@ import yaml
 from personalization.artifacts import read_manifest
 from personalization.config import build_config, load_config
 from personalization.errors import UserError
+from personalization.sweeps import load_space
 from pipelines import sweep
 
 
@@ -70,6 +71,10 @@ def test_four_trial_asha_sweep_writes_table_plots_and_best(toy, tmp_path, ray_lo
         "scheduler: asha\ngrace_period: 1\nval_objects: 2\n"
         "train.learning_rate: {grid: [1.0e-5, 1.0e-4, 1.0e-3, 3.0e-2]}\n",
     )
+    # Two one-worker trials at a time on the 2 CPUs: a trial's own process holds no CPU, only memory.
+    parsed = load_space(space, cfg)
+    assert sweep.trial_resources(parsed) == {"memory": sweep.TRIAL_MEMORY}
+    assert sweep.runs_that_fit(sweep.trial_needs(parsed, cfg)) == 2
     out = sweep.run(cfg, space)
     rows = _rows(out)
     assert len(rows) == 4
