@@ -19,6 +19,16 @@ for name, value in PROCESS_DEFAULTS.items():
     os.environ.setdefault(name, value)
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """``tiny_zoo(parts)`` -> ``{part: path}``: personalization.zoo's tiny random models, each built once per session
+    into one folder (``build_zoo`` finds a built part by its marker) and only read by the tests."""
+    from personalization.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    return lambda parts=None: build_zoo(root, parts=parts)
+
+
 def start_local_ray() -> None:
     import ray
 

@@ -29,7 +29,6 @@ from personalization.config_layers import merge
 from personalization.datasets import TEST_SPLITS, make_toy
 from personalization.models.registry import get_spec
 from personalization.synthesis.llm import ENV_VARS
-from personalization.zoo import build_zoo
 from personalization.zoo.dreamsim import ADAPTER, CHECKPOINT, DREAMSIM_TYPE
 from pipelines import run
 
@@ -102,11 +101,11 @@ def _accepting_dreamsim(zoo_dreamsim: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_zoo):
     root = tmp_path_factory.mktemp("paper_run")
     toy = make_toy(root / "toy", categories=("mug",), val_per_category=1, test_per_category=1, test_per_split=1,
                    dense_per_instance=1, size=64)  # fmt: skip
-    zoo = build_zoo(root / "zoo")
+    zoo = tiny_zoo()
     negatives = root / "negatives" / "mug_negatives"  # the released PODS negatives' layout
     negatives.mkdir(parents=True)
     rng = np.random.default_rng(0)

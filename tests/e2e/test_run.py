@@ -12,7 +12,6 @@ import ray.cloudpickle
 
 from personalization.artifacts import MANIFEST
 from personalization.datasets import make_toy
-from personalization.zoo import build_zoo
 from pipelines import cli, run, train
 from pipelines.run import METRIC_KEYS
 
@@ -45,7 +44,7 @@ def _plan_with_failing(instance_id: str):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_zoo):
     root = tmp_path_factory.mktemp("e2e")
     toy = make_toy(
         root / "toy",
@@ -56,7 +55,7 @@ def workspace(tmp_path_factory):
         dense_per_instance=1,
         size=64,
     )
-    zoo = build_zoo(root / "zoo", parts=["dinov2"])
+    zoo = tiny_zoo(["dinov2"])
     return root, toy, zoo["dinov2"]
 
 

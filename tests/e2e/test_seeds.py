@@ -13,18 +13,17 @@ from safetensors.numpy import load_file
 
 from personalization.artifacts import MANIFEST
 from personalization.datasets import TEST_SPLITS, make_toy
-from personalization.zoo import build_zoo
 from pipelines import cli
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_zoo):
     root = tmp_path_factory.mktemp("seeds")
     toy = make_toy(root / "toy", categories=("mug", "tote"), val_per_category=1, test_per_category=1,
                    test_per_split=2, dense_per_instance=0, size=64)  # fmt: skip
-    return root, toy, build_zoo(root / "zoo", parts=["dinov2"])["dinov2"]
+    return root, toy, tiny_zoo(["dinov2"])["dinov2"]
 
 
 def _argv(toy, weights, out):

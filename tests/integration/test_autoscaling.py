@@ -32,7 +32,6 @@ from personalization import schema
 from personalization.artifacts import commit_stage, read_manifest
 from personalization.config import build_config
 from personalization.models import apply_lora, build_encoder, save_adapter
-from personalization.zoo import build_zoo
 from pipelines import evaluate
 from pipelines.instances import concurrency, worker_resources
 from pipelines.resources import cluster_capacity, gpu_node_types, wants_gpu
@@ -178,8 +177,8 @@ def write_evaluate_inputs(out: Path, weights: Path, instances=("mug_a", "mug_b")
 
 
 @pytest.mark.slow
-def test_auto_brings_up_a_gpu_node_for_the_evaluate_stage(tmp_path, fake_gpu_cluster, caplog):
-    weights = build_zoo(tmp_path / "zoo", parts=["dinov2"])["dinov2"]
+def test_auto_brings_up_a_gpu_node_for_the_evaluate_stage(tmp_path, fake_gpu_cluster, caplog, tiny_zoo):
+    weights = tiny_zoo(["dinov2"])["dinov2"]
     out = tmp_path / "out"
     write_evaluate_inputs(out, weights)
     cfg = build_config(

@@ -11,7 +11,6 @@ from personalization import schema
 from personalization.artifacts import read_manifest
 from personalization.config import build_config
 from personalization.synthesis.prompts import make_background_prompts
-from personalization.zoo import build_zoo
 from pipelines import cutpaste
 
 SIZE = 32
@@ -20,8 +19,8 @@ INSTANCES = {"mug_a": "mug", "mug_b": "mug", "mug_c": "mug"}
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["stable_diffusion"])["stable_diffusion"]
+def sd(tiny_zoo):
+    return tiny_zoo(["stable_diffusion"])["stable_diffusion"]
 
 
 def _config(out, sd, instances):

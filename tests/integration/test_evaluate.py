@@ -24,7 +24,6 @@ from personalization.evaluation.dense import compute_instance_templates
 from personalization.evaluation.extract import FeatureExtractor
 from personalization.evaluation.images import load_evaluation_images
 from personalization.models import apply_lora, build_encoder, save_adapter
-from personalization.zoo import build_zoo
 from pipelines import evaluate
 from pipelines.common import InstanceFailures
 
@@ -111,8 +110,8 @@ def write_adapters(cfg, out_dir, instances):
 
 
 @pytest.fixture(scope="module")
-def dinov2(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["dinov2"])["dinov2"]
+def dinov2(tiny_zoo):
+    return tiny_zoo(["dinov2"])["dinov2"]
 
 
 def make_cfg(out, weights, **evaluate_overrides):

@@ -17,14 +17,13 @@ from pipelines import sweep
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, tiny_zoo):
     from personalization.datasets import make_toy
-    from personalization.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("sweep")
     data = make_toy(root / "toy", categories=("mug", "tote"), val_per_category=2, test_per_category=1,
                     test_per_split=2, dense_per_instance=1, size=64)  # fmt: skip
-    return root, data, build_zoo(root / "zoo", parts=["dinov2"])["dinov2"]
+    return root, data, tiny_zoo(["dinov2"])["dinov2"]
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +97,10 @@ def test_four_trial_asha_sweep_writes_table_plots_and_best(toy, tmp_path, ray_lo
 
 
 @pytest.mark.slow
-def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local):
+def test_cfg_sweep_generates_each_value_once(toy, tmp_path, ray_local, tiny_zoo):
     from personalization.schema import read_image_table
-    from personalization.zoo import build_zoo
 
-    sd = build_zoo(toy[0] / "zoo", parts=["stable_diffusion"])["stable_diffusion"]
+    sd = tiny_zoo(["stable_diffusion"])["stable_diffusion"]
     cfg = _cfg(
         toy,
         "cfg",

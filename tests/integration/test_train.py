@@ -148,11 +148,9 @@ def test_deepspeed_zero1_on_cpu(ray_local, upstream):
     assert resumed["start_step"] == 2 and resumed["steps"] == 4 and resumed["loss"][:2] == metrics["loss"]
 
 
-def test_default_builder_trains_a_lora_dinov2_from_the_zoo(ray_local, upstream, tmp_path):
+def test_default_builder_trains_a_lora_dinov2_from_the_zoo(ray_local, upstream, tiny_zoo):
     """The production path: build_encoder + apply_lora + build_transform + save_adapter, on a tiny random DINOv2."""
-    from personalization.zoo import build_zoo
-
-    weights = build_zoo(tmp_path / "zoo", parts=["dinov2"])["dinov2"]
+    weights = tiny_zoo(["dinov2"])["dinov2"]
     cfg = build_config(
         {
             "output_dir": str(upstream),

@@ -4,11 +4,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
+def zoo(tiny_zoo):
     """Tiny random DINOv2 and Stable Diffusion, saved in their real layouts (absolute paths)."""
-    from personalization.zoo import build_zoo
-
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["dinov2", "stable_diffusion"])
+    return tiny_zoo(["dinov2", "stable_diffusion"])
 
 
 @pytest.fixture(scope="session")

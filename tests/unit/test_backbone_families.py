@@ -11,12 +11,11 @@ from personalization.config import ConfigError, build_config
 from personalization.models import BACKBONES, BackboneSpec, apply_lora, build_encoder
 from personalization.models.families import FAMILIES, QKV, Dinov2Family
 from personalization.models.registry import IMAGENET_MEAN, IMAGENET_STD
-from personalization.zoo import build_zoo
 
 
 @pytest.fixture(scope="module")
-def dinov2(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["dinov2"])["dinov2"]
+def dinov2(tiny_zoo):
+    return tiny_zoo(["dinov2"])["dinov2"]
 
 
 def small_dinov2(name: str, family: str = "dinov2", weights: str = "") -> BackboneSpec:

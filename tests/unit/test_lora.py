@@ -9,14 +9,13 @@ from safetensors.torch import load_file
 
 from personalization.config import ConfigError, ModelConfig
 from personalization.models import Encoder, apply_lora, build_encoder, load_adapter, load_backbone, save_adapter
-from personalization.zoo import build_zoo
 
 NAMES = {"dinov2": "dinov2_vitb14", "clip": "clip_vitb16", "mae": "mae_vitb16"}
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=list(NAMES))
+def zoo(tiny_zoo):
+    return tiny_zoo(list(NAMES))
 
 
 def vit_cfg(zoo, part, **changes):

@@ -19,7 +19,6 @@ from personalization.models.registry import get_spec, load_backbone
 from personalization.synthesis.dreambooth import check_generator_dir
 from personalization.synthesis.llm import ENV_VARS, LLMError
 from personalization.synthesis.prompts import load_prompts
-from personalization.zoo import build_zoo
 from personalization.zoo.dreamsim import DREAMSIM_TYPE
 from pipelines.run import check_before_start
 
@@ -31,13 +30,13 @@ NOT_CHANGES = {"name", "output_dir"}  # every file's own
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_zoo):
     root = tmp_path_factory.mktemp("paper")
     toy = make_toy(
         root / "toy", categories=("mug",), val_per_category=1, test_per_category=1, test_per_split=1,
         dense_per_instance=0, size=32,
     )  # fmt: skip
-    zoo = build_zoo(root / "zoo")
+    zoo = tiny_zoo()
     negatives = root / "negatives"
     (negatives / "mug_negatives").mkdir(parents=True)
     prompts = root / "prompts.json"

@@ -13,7 +13,6 @@ from personalization.config import FilterConfig
 from personalization.errors import UserError
 from personalization.filtering import PatchMasker, SamMasker, Scorer, build_masker
 from personalization.schema import encode_png, make_row, write_image_table
-from personalization.zoo import build_zoo
 from personalization.zoo.dreamsim import DREAMSIM_TYPE
 
 
@@ -30,8 +29,8 @@ class ColorCells:
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), parts=["sam", "dreamsim"])
+def zoo(tiny_zoo):
+    return tiny_zoo(["sam", "dreamsim"])
 
 
 def red_square(size=64, box=(8, 8, 32, 32), seed=0):
