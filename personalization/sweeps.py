@@ -71,9 +71,9 @@ class SearchSpace:
     grace_period: int = 1
     reduction_factor: int = 2
     max_concurrent_trials: int = 0  # 0 = as many as the cluster fits (each trial's Train workers, and its own CPUs)
-    # CPUs a trial's own process holds. It only waits on its TorchTrainer, so by default none (it reserves
-    # TRIAL_MEMORY of Ray's memory resource instead): two one-worker trials then fit on 2 CPUs, where 0.1 left one
-    # CPU idle through a whole sweep.
+    # CPUs a trial's own process holds. It only waits on its TorchTrainer, so by default none (it reserves some
+    # of Ray's memory resource instead, pipelines/sweep.py): two one-worker trials then fit on 2 CPUs, where 0.1
+    # left one CPU idle through a whole sweep.
     cpus_per_trial: float = 0.0
     time_budget_s: float = 0.0  # 0 = no limit
     val_objects: int = 3  # val objects each trial trains and scores (personalization/val_probes.py); capped
