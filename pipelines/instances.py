@@ -35,6 +35,11 @@ def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     return {"GPU": 1.0 / cfg.ray.instances_per_gpu} if use_gpu else {"CPU": 1.0}
 
 
+def train_run_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    """What one Ray Train run asks for: :func:`worker_resources` times ``train.num_workers``."""
+    return {key: amount * cfg.train.num_workers for key, amount in worker_resources(cfg, use_gpu).items()}
+
+
 def concurrency(cfg: ExperimentConfig, per_run: Mapping[str, float], pending: int) -> int:
     """How many per-instance runs go at once: ``ray.max_concurrent`` if set, else as many as the cluster's
     resources hold side by side, counting the nodes its autoscaler can add (at least one, at most ``pending``)."""

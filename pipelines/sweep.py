@@ -57,7 +57,7 @@ from personalization.sweeps import (
 from personalization.val_probes import ValPartition, hide_probes, partition_val
 from pipelines import common
 from pipelines.common import check_before_start, dataset_instances, ray_session, resolve_negatives, stage_dir
-from pipelines.instances import runs_that_fit, worker_resources
+from pipelines.instances import runs_that_fit, train_run_resources
 from pipelines.resources import wants_gpu
 from pipelines.stages import BY_NAME
 from pipelines.sweep_trial import PROBE_INGEST, RECORD, generate_key, is_complete, link_upstream, run_trial
@@ -199,8 +199,7 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
 
 def trial_needs(space: SearchSpace, base: ExperimentConfig) -> dict[str, float]:
     """One trial's process and its Train workers (a CPU each, or their GPU share), per Ray resource."""
-    workers = worker_resources(base, wants_gpu(base, "train"))
-    needs = {key: amount * base.train.num_workers for key, amount in workers.items()}
+    needs = train_run_resources(base, wants_gpu(base, "train"))
     needs["CPU"] = needs.get("CPU", 0.0) + space.cpus_per_trial
     return needs
 

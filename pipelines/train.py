@@ -37,7 +37,7 @@ from personalization.contrastive.data import TrainingSources
 from personalization.contrastive.fit import Report, TrainableModel, build_lora_encoder, fit
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolve_negatives, resolved, stage_dir, stage_main
-from pipelines.instances import run_each, without_failed, worker_resources
+from pipelines.instances import run_each, train_run_resources, without_failed
 from pipelines.metrics import set_train_loss
 from pipelines.resources import wants_gpu
 from pipelines.training import (
@@ -93,9 +93,7 @@ def run(
         )  # fmt: skip
 
     cfg = replace(cfg, **{"train.use_gpu": wants_gpu(cfg, STAGE)})  # auto -> true/false, after the hash
-    per_worker = worker_resources(cfg, cfg.train.use_gpu)
-    per_run = {key: amount * cfg.train.num_workers for key, amount in per_worker.items()}
-    failures = run_each(cfg, STAGE, list(todo), fit, per_run=per_run)
+    failures = run_each(cfg, STAGE, list(todo), fit, per_run=train_run_resources(cfg, cfg.train.use_gpu))
     if failures:
         raise InstanceFailures(STAGE, failures, finished=len(chosen) - len(failures))
     return stage_dir(cfg, STAGE)
