@@ -78,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with every relative local path made absolute (from this process's working directory): Ray workers
-    run in other working directories. The fields are those marked ``path_field`` in personalization/config.py; an
+    run in other working directories. The fields are those marked ``path_field`` in personalization/config/; an
     input that does not exist here (a Hugging Face id such as facebook/dinov2-base) stays as given."""
     changes = {}
     for key, kind in path_fields().items():

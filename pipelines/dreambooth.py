@@ -31,14 +31,9 @@ from personalization.artifacts import commit_stage, is_current
 from personalization.config import ExperimentConfig
 from personalization.devices import pick_device
 from personalization.errors import MissingInputError
-from personalization.synthesis.dreambooth import (
-    DreamboothError,
-    DreamboothSettings,
-    check_generator_dir,
-    generate_class_images,
-    train_dreambooth,
-)
+from personalization.synthesis.dreambooth import DreamboothSettings, generate_class_images, train_dreambooth
 from personalization.synthesis.generators import AUTO, find_generator
+from personalization.synthesis.saved_generator import DreamboothError, check_generator_dir
 from pipelines import common
 from pipelines.common import InstanceFailures, ray_session, resolved, stage_dir, stage_main
 from pipelines.instances import run_each, run_name, worker_resources, write_failures

@@ -20,9 +20,9 @@ import torch
 
 from personalization.devices import pick_device
 from personalization.schema import encode_png
-from personalization.synthesis.dreambooth import load_personalized_pipeline
 from personalization.synthesis.generation_rows import SamplerError, check_generator, image_id_for, is_lora
 from personalization.synthesis.generators import AUTO, find_generator, is_personalized_folder
+from personalization.synthesis.saved_generator import load_personalized_pipeline
 
 log = logging.getLogger(__name__)
 SCHEDULERS = {

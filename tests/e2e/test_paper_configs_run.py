@@ -25,7 +25,7 @@ from chat_server import ChatServer
 from PIL import Image
 
 from personalization.config import ExperimentConfig, load_config, to_dict
-from personalization.config_layers import merge
+from personalization.config.layers import merge
 from personalization.datasets import TEST_SPLITS, make_toy
 from personalization.models.registry import get_spec
 from personalization.synthesis.llm import ENV_VARS

@@ -7,7 +7,7 @@ from tiny_ingest import write_ingest
 from personalization.artifacts import read_manifest
 from personalization.config import build_config
 from personalization.schema import read_image_table
-from personalization.synthesis.dreambooth import DreamboothError, load_personalized_pipeline
+from personalization.synthesis.saved_generator import DreamboothError, load_personalized_pipeline
 from personalization.zoo.diffusion import build_stable_diffusion
 from pipelines import dreambooth
 

@@ -6,15 +6,13 @@ from PIL import Image
 
 from personalization.config import load_config
 from personalization.synthesis.dreambooth import (
-    DreamboothError,
     DreamboothSettings,
-    check_generator_dir,
     compute_loss_weight,
     compute_masked_mse,
     generate_class_images,
-    load_personalized_pipeline,
     train_dreambooth,
 )
+from personalization.synthesis.saved_generator import DreamboothError, check_generator_dir, load_personalized_pipeline
 from personalization.zoo.diffusion import build_stable_diffusion
 
 RES = 32

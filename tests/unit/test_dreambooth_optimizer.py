@@ -10,7 +10,8 @@ import torch
 
 from personalization.config import ConfigError, load_config
 from personalization.errors import UserError
-from personalization.synthesis.dreambooth import DreamboothError, _optimizer
+from personalization.synthesis.dreambooth import _optimizer
+from personalization.synthesis.saved_generator import DreamboothError
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_no_bnb = pytest.mark.skipif(HAS_BNB, reason="bitsandbytes is installed here")

@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from personalization.config import ConfigError, ExperimentConfig, load_config, to_dict
-from personalization.config_layers import merge
+from personalization.config.layers import merge
 from personalization.datasets import make_toy
 from personalization.filtering.embedders import check_dreamsim_cache
 from personalization.models.registry import get_spec, load_backbone
-from personalization.synthesis.dreambooth import check_generator_dir
 from personalization.synthesis.llm import ENV_VARS, LLMError
 from personalization.synthesis.prompts import load_prompts
+from personalization.synthesis.saved_generator import check_generator_dir
 from personalization.zoo.dreamsim import DREAMSIM_TYPE
 from pipelines.run import check_before_start
 
