@@ -64,8 +64,15 @@ lint: $(STAMP)
 TEST_ENV = RAY_AUTH_MODE=disabled GLIBC_TUNABLES=$${GLIBC_TUNABLES-$(MALLOC_TUNABLES)}
 MALLOC_TUNABLES = glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1
 
+# Two pytest-xdist workers, one test file at a time each (a file's module fixtures stay on one worker): on 2 cores
+# the Ray start-ups and waits of one worker's tests leave CPU idle that the other's fill. Files go out in collection
+# order (e2e, integration, reliability, then the short unit files that even out the end), not xdist's default of
+# most tests first, which left the few long fault tests for last. Each worker's Rays keep to a folder of their own
+# (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(TEST_ENV) $(BIN)/python -m pytest -q -ra --durations=15 -m "not paper" tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  -m "not paper" tests
 
 # Every config of configs/paper/ end to end on the tiny zoo (`make test` runs the base one only): ~20 minutes.
 test-paper: $(STAMP)

@@ -17,6 +17,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # process itself (glibc reads it at start).
 for name, value in PROCESS_DEFAULTS.items():
     os.environ.setdefault(name, value)
+# `make test` runs two pytest-xdist workers, each with Rays of its own: a worker's Rays (and the `personalize`
+# commands it starts) keep their sessions, sockets and current-cluster file in a folder of that worker's, so an
+# `address="auto"` in one worker never finds the other's Ray.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/pytest-ray-{worker}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
 @pytest.fixture(scope="session")
