@@ -78,7 +78,7 @@ def test_gpu_benchmark_skips_without_cuda():
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("CUDA present: the gpu benchmark really runs (tests/gpu)")
+        pytest.skip("CUDA present: the gpu benchmark really runs (python -m benchmarks --only gpu)")
     from benchmarks import gpu
 
     assert math.isnan(gpu.measure().ratio)
