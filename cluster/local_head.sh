@@ -123,6 +123,16 @@ descendants() {
   done
 }
 
+ray_folder_processes() {
+  # PIDs of live processes whose command line names this head's Ray folder (--temp-dir): Ray's processes of this
+  # head, and nothing of anyone else's (the folder is this head's own).
+  local proc cmd
+  for proc in /proc/[0-9]*; do
+    cmd="$(tr '\0' ' ' 2>/dev/null <"$proc/cmdline")" || continue
+    case "$cmd" in *"$HEAD_DIR/ray"*) echo "${proc#/proc/}" ;; esac
+  done
+}
+
 jobs_api_up() {
   auth_header | curl -s -o /dev/null -m 2 -w '%{http_code}' -H @- "$URL/api/version" | grep -q '^200$'
 }
@@ -208,6 +218,19 @@ stop() {
       kill -KILL "$child" 2>/dev/null || true
     fi
   done
+  # Last, until none is left (at most 10 s): a worker the head started while shutting down is in neither the tree
+  # noted above nor the head's group, and on a busy machine a killed process can take a moment to go.
+  local left
+  for _ in $(seq 1 20); do
+    left="$(ray_folder_processes)"
+    [ -z "$left" ] && break
+    kill -KILL $left 2>/dev/null || true
+    sleep 0.5
+  done
+  left="$(ray_folder_processes)"
+  if [ -n "$left" ]; then
+    echo "warning: processes of this head still alive after 10 s: $left" >&2
+  fi
   rm -f "$PID_FILE"
   echo "stopped the Ray head (pid $pid)"
 }
